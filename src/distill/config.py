@@ -1,0 +1,360 @@
+"""Pydantic models of a pipeline file. The YAML files in `pipelines/` are the documentation.
+
+Unknown keys are errors, not ignored: a typo in a $2,000 generation job must fail before it starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input (config, data, template). The CLI prints it as one line and exits 2."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TaskSource(Strict):
+    """A procedural task generator (see `distill.tasks`) used instead of a seed file."""
+
+    name: str = "arithmetic"
+    split: Literal["train", "test"] = "train"
+    n: int = Field(100, ge=1)
+    seed: int = 0
+
+
+class SeedsConfig(Strict):
+    """Where the questions come from: a jsonl/json/parquet file, or a procedural task."""
+
+    path: str | None = None
+    task: TaskSource | None = None
+    question_field: str = "question"
+    answer_field: str | None = "answer"
+    id_field: str | None = "id"
+    limit: int | None = Field(None, ge=1)
+    source: str | None = None
+    """Name recorded in each seed's `source` (default: the file name or task name)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SeedsConfig:
+        if (self.path is None) == (self.task is None):
+            raise ValueError("set exactly one of seeds.path or seeds.task")
+        return self
+
+
+class TeacherConfig(Strict):
+    backend: Literal["openai", "vllm", "transformers"] = "transformers"
+    model: str = ""
+    """Hub id or local directory (transformers, vllm) or the served model name (openai)."""
+    base_url: str | list[str] | None = None
+    """One URL or a list of replicas (openai backend): requests fail over between them."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key. The key itself never enters a file."""
+    max_concurrency: int = Field(16, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    max_cost_usd: float | None = Field(None, ge=0)
+    price_in_per_mtok: float = Field(0.0, ge=0)
+    price_out_per_mtok: float = Field(0.0, ge=0)
+    on_length: Literal["keep", "drop", "retry"] = "keep"
+    """What to do with a response cut by max_tokens (finish_reason == "length")."""
+    on_content_filter: Literal["keep", "drop", "retry"] = "drop"
+    top_logprobs: int = Field(0, ge=0, le=20)
+    """Capture the top-k log-probabilities of every generated token (soft targets for KD)."""
+    batch_size: int = Field(32, ge=1)
+    """Prompts per forward batch for local backends."""
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Extra fields sent with every request (openai backend), e.g. chat_template_kwargs."""
+
+
+class GenerateConfig(Strict):
+    task: Literal["cot", "instruct"] = "cot"
+    prompt: str = "prompts/cot.j2"
+    system_prompt: str | None = None
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(512, ge=1)
+    seed: int | None = None
+    """Sampling seed (default: the pipeline's seed)."""
+    adaptive: AdaptiveConfig | None = None
+    self_instruct: SelfInstructConfig | None = None
+
+
+class AdaptiveConfig(Strict):
+    """Adaptive rejection sampling: sample a seed until `k` verified rationales or `max_samples`."""
+
+    k: int = Field(1, ge=1)
+    max_samples: int = Field(8, ge=1)
+    rounds: int = Field(4, ge=1)
+
+
+class SelfInstructConfig(Strict):
+    seed_tasks: str = "data/seed_tasks.jsonl"
+    prompt: str = "prompts/self_instruct.j2"
+    answer_prompt: str = "prompts/instruct.j2"
+    num_instructions: int = Field(50, ge=1)
+    examples_per_prompt: int = Field(3, ge=1)
+    novelty_threshold: float = Field(0.7, gt=0, le=1)
+    evolve_prompt: str | None = None
+    evolve_rounds: int = Field(0, ge=0)
+
+
+class NearDedupConfig(Strict):
+    threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(128, ge=16)
+    ngram: int = Field(5, ge=1)
+
+
+class SemanticDedupConfig(Strict):
+    model: str = "all-MiniLM-L6-v2"
+    threshold: float = Field(0.95, gt=0, le=1)
+    field: Literal["question", "response"] = "response"
+
+
+class DedupConfig(Strict):
+    exact: bool = True
+    near: NearDedupConfig | None = None
+    semantic: SemanticDedupConfig | None = None
+    field: Literal["question", "response"] = "response"
+
+
+class VerifyConfig(Strict):
+    require_gold: bool = False
+    """Drop rows whose seed has no gold answer (otherwise they pass to consistency/judge)."""
+    faithfulness: bool = True
+    drop_truncated: bool = True
+
+
+class ConsistencyConfig(Strict):
+    min_agreement: float = Field(0.5, ge=0, le=1)
+    keep: Literal["majority", "all"] = "majority"
+
+
+class JudgeConfig(Strict):
+    prompt: str = "prompts/judge.j2"
+    threshold: float = Field(7.0)
+    scale: float = Field(10.0, gt=0)
+    teacher: TeacherConfig | None = None
+    """Judge model (default: the pipeline's teacher)."""
+    max_tokens: int = 256
+
+
+class HeuristicsConfig(Strict):
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(20000, ge=1)
+    max_repeat_ratio: float = Field(0.5, gt=0, le=1)
+    repeat_ngram: int = Field(4, ge=1)
+    drop_refusals: bool = True
+
+
+class DecontamConfig(Strict):
+    against: list[str] = Field(default_factory=list)
+    ngram: int = Field(8, ge=1)
+    field: str = "question"
+    check_responses: bool = False
+
+
+class FilterConfig(Strict):
+    verify: VerifyConfig | None = Field(default_factory=VerifyConfig)
+    consistency: ConsistencyConfig | None = None
+    judge: JudgeConfig | None = None
+    heuristics: HeuristicsConfig | None = None
+    dedup: DedupConfig | None = Field(default_factory=DedupConfig)
+    decontaminate: DecontamConfig | None = None
+    max_per_seed: int | None = Field(None, ge=1)
+    """Keep at most this many rows per seed (the best-scored first)."""
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class KDConfig(Strict):
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the hard-token cross-entropy; (1 - alpha) goes to the soft-target term."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1)
+    lmbda: float = Field(0.5, ge=0, le=1)
+    """GKD: fraction of on-policy (student-sampled) sequences."""
+    hidden_weight: float = Field(0.0, ge=0)
+    hidden_layers: list[tuple[int, int]] = Field(default_factory=list)
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+
+
+class TrainConfig(Strict):
+    student: str = ""
+    """Hub id or local directory of the student, or empty with `student_config` set."""
+    student_config: dict[str, Any] | None = None
+    """Build a fresh student from this transformers config (e.g. {model_type: llama, ...})."""
+    tokenizer: str | None = None
+    """Tokenizer for a fresh student (default: the student directory or the teacher's)."""
+    method: Literal["sft", "multitask", "kd", "gkd"] = "sft"
+    lora: LoraConfig | None = None
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=8)
+    packing: bool = False
+    label_only_baseline: bool = False
+    """Also train a same-size student on question -> answer only (the ablation)."""
+    kd: KDConfig = Field(default_factory=KDConfig)
+    trust_remote_code: bool = False
+    bf16: bool = False
+    logging_steps: int = 10
+    seed: int | None = None
+
+
+class EvaluateConfig(Strict):
+    dataset: str | None = None
+    """Held-out file (jsonl/json/parquet) or None with `task` set."""
+    task: TaskSource | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    limit: int | None = Field(None, ge=1)
+    samples: int = Field(1, ge=1)
+    max_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    evaluate_teacher: bool = True
+    bootstrap: int = Field(1000, ge=0)
+
+
+class ExportConfig(Strict):
+    formats: list[Literal["merged", "int8", "int4", "onnx", "gguf"]] = Field(
+        default_factory=lambda: ["merged"]
+    )
+    prune: dict[str, Any] | None = None
+    latency_prompts: int = Field(16, ge=1)
+
+
+class PipelineConfig(Strict):
+    name: str
+    seed: int = 0
+    seeds: SeedsConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig | None = None
+    export: ExportConfig | None = None
+    stages: list[Literal["generate", "filter", "train", "evaluate", "export"]] = Field(
+        default_factory=lambda: ["generate", "filter", "train", "evaluate"]
+    )
+    root: str = "."
+    """Directory that relative paths resolve against (default: the pipeline file's project)."""
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.root) / p
+
+    def section_dict(self, *names: str) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        return {n: data.get(n) for n in names}
+
+
+GenerateConfig.model_rebuild()
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set a.b=3` gives 3 (int); YAML rules, so `true`, `null`, `[1,2]` work too."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return data
+
+
+def _project_root(config_path: Path) -> Path:
+    """The directory holding `pipelines/`: relative paths in a pipeline file resolve from there."""
+    parent = config_path.resolve().parent
+    return parent.parent if parent.name == "pipelines" else parent
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("root", str(_project_root(path)))
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(f"{path}: {field}: {msg}") from None
+    check_files(cfg, path)
+    return cfg
+
+
+def check_files(cfg: PipelineConfig, path: Path) -> None:
+    """Missing files are bad input: name the field before any work starts."""
+    checks: list[tuple[str, str | None]] = [
+        ("seeds.path", cfg.seeds.path),
+        ("generate.prompt", cfg.generate.prompt),
+        ("evaluate.dataset", cfg.evaluate.dataset if cfg.evaluate else None),
+    ]
+    if cfg.filter.judge:
+        checks.append(("filter.judge.prompt", cfg.filter.judge.prompt))
+    if cfg.filter.decontaminate:
+        for i, p in enumerate(cfg.filter.decontaminate.against):
+            checks.append((f"filter.decontaminate.against.{i}", p))
+    if cfg.generate.self_instruct:
+        si = cfg.generate.self_instruct
+        checks += [("generate.self_instruct.seed_tasks", si.seed_tasks),
+                   ("generate.self_instruct.prompt", si.prompt),
+                   ("generate.self_instruct.answer_prompt", si.answer_prompt)]
+    for field, value in checks:
+        if value and not cfg.resolve(value).exists():
+            raise ConfigError(f"{path}: {field}: file not found: {value}")

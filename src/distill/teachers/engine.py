@@ -1,0 +1,132 @@
+"""Runs jobs through the cache and a teacher, with a progress bar and cost accounting.
+
+The cache and the progress bar wrap any backend: a backend only ever sees the samples the cache
+does not already hold, and each completion is written to the cache as soon as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from distill.teachers.base import Completion, Job, cost_usd
+from distill.teachers.cache import ResponseCache, cache_key
+
+
+@dataclass
+class EngineStats:
+    requested: int = 0
+    cached: int = 0
+    sent: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    budget_stopped: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "notes"} | {"notes": self.notes}
+
+
+def make_progress(transient: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=transient,
+    )
+
+
+def run_jobs(
+    teacher: Any,
+    jobs: Sequence[Job],
+    cache: ResponseCache | None,
+    *,
+    price_in: float = 0.0,
+    price_out: float = 0.0,
+    description: str = "generate",
+    show_progress: bool = True,
+) -> tuple[dict[tuple[str, int], Completion], EngineStats]:
+    """Complete every (job, sample): from the cache where possible, else from the teacher."""
+    return asyncio.run(
+        arun_jobs(teacher, jobs, cache, price_in=price_in, price_out=price_out,
+                  description=description, show_progress=show_progress)
+    )
+
+
+async def arun_jobs(
+    teacher: Any,
+    jobs: Sequence[Job],
+    cache: ResponseCache | None,
+    *,
+    price_in: float = 0.0,
+    price_out: float = 0.0,
+    description: str = "generate",
+    show_progress: bool = True,
+) -> tuple[dict[tuple[str, int], Completion], EngineStats]:
+    stats = EngineStats()
+    results: dict[tuple[str, int], Completion] = {}
+    keys: dict[tuple[str, int], str] = {}
+    model_id = getattr(teacher, "model_id", getattr(teacher, "model", ""))
+    for job in jobs:
+        for s in job.samples:
+            keys[(job.key, s)] = cache_key(teacher.backend, model_id, job.messages, job.params, s)
+    stats.requested = len(keys)
+    hits = cache.get_many(list(keys.values())) if cache else {}
+    todo: list[Job] = []
+    for job in jobs:
+        missing = []
+        for s in job.samples:
+            hit = hits.get(keys[(job.key, s)])
+            if hit is not None:
+                results[(job.key, s)] = hit
+            else:
+                missing.append(s)
+        if missing:
+            todo.append(Job(key=job.key, messages=job.messages, params=job.params, samples=missing))
+    stats.cached = len(results)
+
+    progress = make_progress()
+    task = progress.add_task(description, total=stats.requested, completed=stats.cached,
+                             info=f"cached {stats.cached}")
+    if show_progress:
+        progress.start()
+    try:
+        if todo:
+            async for job, s, comp in teacher.stream(todo):
+                results[(job.key, s)] = comp
+                if cache is not None:
+                    cache.put(keys[(job.key, s)], comp)
+                stats.sent += 1
+                stats.failed += bool(comp.error)
+                stats.prompt_tokens += comp.prompt_tokens
+                stats.completion_tokens += comp.completion_tokens
+                stats.cost_usd += cost_usd(comp.prompt_tokens, comp.completion_tokens,
+                                           price_in, price_out)
+                if comp.error and "budget" in comp.error:
+                    stats.budget_stopped = True
+                progress.update(
+                    task, advance=1,
+                    info=(f"failed {stats.failed} · tok {stats.prompt_tokens}"
+                          f"+{stats.completion_tokens} · ${stats.cost_usd:.4f}"),
+                )
+    finally:
+        if show_progress:
+            progress.stop()
+        await teacher.aclose()
+    return results, stats

@@ -1,0 +1,159 @@
+"""Local `transformers` teacher: batched `generate` on CPU (the offline default) or one GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from distill.config import ConfigError, TeacherConfig
+from distill.teachers.base import Completion, Job, SamplingParams
+
+
+def load_causal_lm(name: str, *, trust_remote_code: bool = False, dtype: str = "auto",
+                   device: str = "auto") -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local directory or hub id, safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not name:
+        raise ConfigError("teacher.model: empty; expected a model directory or hub id")
+    path = Path(name)
+    if (name.startswith((".", "/")) or path.exists()) and not (path / "config.json").exists():
+        raise ConfigError(f"teacher.model: {name}: no config.json (not a model directory)")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model, tok
+
+
+def render_chat(tok: Any, messages: list[dict[str, str]]) -> str:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # A bare LM with no template: plain turns, the assistant's left open.
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + "assistant: "
+
+
+class TransformersTeacher:
+    backend = "transformers"
+
+    def __init__(self, cfg: TeacherConfig, model: Any = None, tokenizer: Any = None) -> None:
+        self.cfg = cfg
+        self.model_name = cfg.model
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def model_id(self) -> str:
+        return self.model_name
+
+    def _ensure_loaded(self) -> None:
+        if self.model is None:
+            self.model, self.tokenizer = load_causal_lm(
+                self.cfg.model, trust_remote_code=self.cfg.trust_remote_code,
+                dtype=self.cfg.dtype, device=self.cfg.device,
+            )
+
+    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, int, Completion]]:
+        self._ensure_loaded()
+        by_params: dict[SamplingParams, list[tuple[Job, int]]] = defaultdict(list)
+        for job in jobs:
+            for s in job.samples:
+                by_params[job.params].append((job, s))
+        for params, items in by_params.items():
+            # Sort by prompt length so a batch wastes little padding.
+            items.sort(key=lambda it: len(str(it[0].messages)))
+            bs = self.cfg.batch_size
+            for start in range(0, len(items), bs):
+                batch = items[start : start + bs]
+                try:
+                    outs = await asyncio.to_thread(self._generate, batch, params)
+                except Exception as err:  # noqa: BLE001 - a failed batch becomes error rows
+                    outs = [Completion(error=f"{type(err).__name__}: {err}") for _ in batch]
+                for (job, s), comp in zip(batch, outs, strict=True):
+                    yield job, s, comp
+
+    def _generate(self, batch: list[tuple[Job, int]], params: SamplingParams) -> list[Completion]:
+        import torch
+
+        tok, model = self.tokenizer, self.model
+        texts = [render_chat(tok, job.messages) for job, _ in batch]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        # Seed from the batch's first (key, sample): reruns of the same batch give the same text.
+        first_job, first_sample = batch[0]
+        torch.manual_seed(params.seed * 1_000_003 + hash((first_job.key, first_sample)) % 1_000_003)
+        sample = params.temperature > 0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **enc,
+                do_sample=sample,
+                temperature=params.temperature if sample else None,
+                top_p=params.top_p if sample else None,
+                top_k=0 if sample else None,
+                max_new_tokens=params.max_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                return_dict_in_generate=True,
+                output_logits=params.top_logprobs > 0,
+            )
+        latency = (time.perf_counter() - t0) / len(batch)
+        prompt_len = enc["input_ids"].shape[1]
+        gen = out.sequences[:, prompt_len:]
+        eos_ids = set(_as_list(tok.eos_token_id)) | {tok.pad_token_id}
+        comps = []
+        for i in range(len(batch)):
+            ids = gen[i].tolist()
+            n, finish = len(ids), "length"
+            for j, t in enumerate(ids):
+                if t in eos_ids:
+                    n, finish = j, "stop"
+                    break
+            kept = ids[:n]
+            comp = Completion(
+                text=tok.decode(kept, skip_special_tokens=True).strip(),
+                finish_reason=finish,
+                prompt_tokens=int(enc["attention_mask"][i].sum()),
+                completion_tokens=n,
+                latency_s=latency,
+                token_ids=kept,
+            )
+            if params.top_logprobs > 0:
+                comp.top_logprobs = _topk(out.logits, i, n, params.top_logprobs)
+            comps.append(comp)
+        return comps
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def _topk(logits: tuple[Any, ...], row: int, n: int, k: int) -> list[list[tuple[int, float]]]:
+    """Top-k (token id, logprob) of the teacher's *raw* distribution at each generated step."""
+    import torch
+
+    steps = []
+    for t in range(n):
+        lp = torch.log_softmax(logits[t][row].float(), dim=-1)
+        vals, idx = lp.topk(k)
+        steps.append([(int(i), round(float(v), 4)) for i, v in zip(idx, vals, strict=True)])
+    return steps
