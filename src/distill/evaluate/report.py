@@ -1,0 +1,143 @@
+"""`report.md` and its plots, rendered from the run directory alone (`distill report RUN_DIR`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distill.records import RunDir, atomic_path
+
+LABELS = {"teacher": "teacher", "base_student": "base student (untrained)",
+          "label_only": "label-only student", "student": "distilled student (CoT SFT)",
+          "kd": "KD student (soft targets)", "gkd": "GKD student (on-policy)"}
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def plot_accuracy(models: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in LABELS if n in models] + [n for n in models if n not in LABELS]
+    acc = [models[n]["accuracy"] * 100 for n in names]
+    lo = [a - models[n]["ci"][0] * 100 for a, n in zip(acc, names, strict=True)]
+    hi = [models[n]["ci"][1] * 100 - a for a, n in zip(acc, names, strict=True)]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colors = ["#555" if n == "teacher" else "#bbb" if n in ("base_student", "label_only")
+              else "#2a7" for n in names]
+    ax.barh([LABELS.get(n, n) for n in names], acc, xerr=[lo, hi], color=colors, capsize=3)
+    ax.set_xlabel("held-out accuracy (%), 95% bootstrap CI")
+    ax.set_xlim(0, 100)
+    ax.invert_yaxis()
+    for i, a in enumerate(acc):
+        ax.text(min(a + 1, 92), i, f"{a:.1f}", va="center", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def plot_funnel(funnel: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [("generated", funnel["in"])] + [(f["name"], f["out"]) for f in funnel["filters"]]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(steps) + 1))
+    ax.barh([s[0] for s in steps], [s[1] for s in steps], color="#48c")
+    ax.invert_yaxis()
+    ax.set_xlabel("rows remaining")
+    for i, (_, v) in enumerate(steps):
+        ax.text(v, i, f" {v}", va="center", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_report(run: RunDir) -> Path:
+    manifest = run.manifest()
+    stages = manifest.get("stages", {})
+    lines = [f"# distill report — {manifest.get('name', run.root.name)}", ""]
+    lines += ["## Stages", "", "| stage | status | seconds | notes |", "|---|---|---|---|"]
+    for name, e in stages.items():
+        notes = {k: v for k, v in e.items() if isinstance(v, int | float | str) and k not in (
+            "status", "seconds", "started", "finished", "input_fingerprint", "error")}
+        note = ", ".join(f"{k}={v}" for k, v in list(notes.items())[:8])
+        if e.get("error"):
+            note = f"error: {e['error']}"
+        lines.append(f"| {name} | {e.get('status')} | {e.get('seconds', '-')} | {note} |")
+    lines.append("")
+
+    funnel = _load(run.stage("filter") / "funnel.json")
+    if funnel:
+        plot_funnel(funnel, run.root / "funnel.png")
+        lines += ["## Data funnel", "", "![funnel](funnel.png)", "",
+                  "| step | in | out | dropped |", "|---|---|---|---|"]
+        for f in funnel["filters"]:
+            dropped = ", ".join(f"{k}: {v}" for k, v in f["dropped"].items()) or "-"
+            lines.append(f"| {f['name']} | {f['in']} | {f['out']} | {dropped} |")
+        trained = stages.get("filter", {}).get("sft_rows")
+        lines += ["", f"Generated {funnel['in']} → kept {funnel['out']}"
+                  + (f" → trained on {trained}" if trained is not None else "") + ".", ""]
+
+    metrics = _load(run.stage("evaluate") / "metrics.json")
+    if metrics:
+        models = metrics["models"]
+        plot_accuracy(models, run.root / "accuracy.png")
+        lines += ["## Reasoning transfer", "", f"Held-out items: {metrics['n_eval']}.", "",
+                  "![accuracy](accuracy.png)", "",
+                  "| model | accuracy | 95% CI | params | weights on disk | latency / answer |"
+                  " train s |", "|---|---|---|---|---|---|---|"]
+        for n, mm in models.items():
+            params = f"{mm['params']:,}" if mm.get("params") else "-"
+            lat = f"{mm['latency_per_answer_s'] * 1000:.1f} ms" if mm.get(
+                "latency_per_answer_s") else "-"
+            lines.append(f"| {LABELS.get(n, n)} | {mm['accuracy'] * 100:.1f}% | "
+                         f"[{mm['ci'][0] * 100:.1f}, {mm['ci'][1] * 100:.1f}] | {params} | "
+                         f"{_fmt_bytes(mm.get('bytes'))} | {lat} | {mm.get('train_s') or '-'} |")
+        lines.append("")
+        for key, label in (("student_to_teacher_ratio", "student / teacher accuracy"),
+                           ("gap_closed", "gap closed (student − base) / (teacher − base)"),
+                           ("compression_ratio", "teacher / student parameters"),
+                           ("cot_minus_label_only", "CoT student − label-only student")):
+            if metrics.get(key) is not None:
+                lines.append(f"- {label}: **{metrics[key]}**")
+        lines.append("")
+
+    export = _load(run.stage("export") / "export.json")
+    if export:
+        lines += ["## Edge export", "", "| format | params | bytes | vs teacher | vs fp32 |"
+                  " accuracy | p50 latency | p95 latency | tok/s | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        tb, sb = export.get("teacher_bytes"), export.get("student_fp32_bytes")
+        for a in export.get("artifacts", []):
+            b = a.get("bytes") or 0
+            def ratio(ref: int | None, b: int = b) -> str:
+                return f"{ref / b:.1f}x" if ref and b else "-"
+            acc = a.get("accuracy")
+            lines.append(
+                f"| {a['format']} | {a.get('params') or '-'} | {_fmt_bytes(b)} | {ratio(tb)} | "
+                f"{ratio(sb)} | {'-' if acc is None else f'{acc * 100:.1f}%'} | "
+                f"{a.get('latency_p50_s', '-')} | {a.get('latency_p95_s', '-')} | "
+                f"{a.get('tokens_per_s', '-')} | {a.get('peak_mem_mb', '-')} |")
+        lines.append("")
+    with atomic_path(run.report) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return run.report

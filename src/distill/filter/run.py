@@ -1,0 +1,28 @@
+"""The filter stage's I/O: `generate/` → `filter/` (all rows, reasons, funnel) and `sft/`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distill.config import PipelineConfig
+from distill.filter.stage import filter_rows
+from distill.io import read_stage_rows, write_stage
+from distill.records import RunDir
+from distill.teachers.cache import ResponseCache
+from distill.train.dataset import dataset_card, sft_rows
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
+    rows = read_stage_rows(run_dir.stage("generate"), "generations.jsonl")
+    cache = ResponseCache(run_dir.cache)
+    try:
+        filtered, funnel = filter_rows(rows, cfg, cache)
+    finally:
+        cache.close()
+    write_stage(run_dir.stage("filter"), filtered, "filtered.jsonl", {"funnel.json": funnel})
+    kept = [r for r in filtered if r["keep"]]
+    sft = sft_rows(kept)
+    write_stage(run_dir.stage("sft"), sft, "sft.jsonl",
+                {"README.md": dataset_card(cfg, funnel, len(sft))})
+    return {"in": len(rows), "kept": len(kept), "sft_rows": len(sft),
+            "seeds_covered": len({r["seed_id"] for r in kept})}

@@ -1,0 +1,58 @@
+"""Writing a stage's output: a `datasets` dataset plus a jsonl, atomically, into the run dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, load_from_disk
+
+from distill.records import atomic_path, read_jsonl, write_jsonl
+
+# Columns whose shape varies row to row (Arrow wants one type per column): stored as JSON text in
+# the dataset, as real JSON in the jsonl.
+JSON_COLUMNS = ("scores", "top_logprobs", "extra")
+
+
+def to_dataset(rows: list[dict[str, Any]]) -> Dataset:
+    enc = []
+    for r in rows:
+        r = dict(r)
+        for c in JSON_COLUMNS:
+            if c in r and not isinstance(r[c], str):
+                r[c] = json.dumps(r[c], ensure_ascii=False)
+        enc.append(r)
+    return Dataset.from_list(enc)
+
+
+def from_dataset(ds: Dataset) -> list[dict[str, Any]]:
+    rows = ds.to_list()
+    for r in rows:
+        for c in JSON_COLUMNS:
+            if isinstance(r.get(c), str):
+                r[c] = json.loads(r[c])
+    return rows
+
+
+def write_stage(stage_dir: Path, rows: list[dict[str, Any]], jsonl_name: str,
+                extra: dict[str, Any] | None = None) -> Dataset:
+    """Replace `stage_dir` in one rename with {dataset/, jsonl_name, extra files}."""
+    ds = to_dataset(rows)
+    with atomic_path(stage_dir) as tmp:
+        tmp.mkdir(parents=True)
+        ds.save_to_disk(str(tmp / "dataset"))
+        write_jsonl(tmp / jsonl_name, rows)
+        for name, content in (extra or {}).items():
+            if isinstance(content, str):
+                (tmp / name).write_text(content)
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
+    return ds
+
+
+def read_stage_rows(stage_dir: Path, jsonl_name: str) -> list[dict[str, Any]]:
+    """The jsonl is the canonical, human-editable copy; the dataset is the fast one."""
+    if (stage_dir / jsonl_name).exists():
+        return read_jsonl(stage_dir / jsonl_name)
+    return from_dataset(load_from_disk(str(stage_dir / "dataset")))

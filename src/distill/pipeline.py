@@ -1,0 +1,129 @@
+"""Runs the stages in order, skips finished ones whose inputs are unchanged, writes the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from distill.config import ConfigError, PipelineConfig
+from distill.records import RunDir, atomic_path, file_fingerprint, fingerprint, now, write_json
+
+STAGES = ("generate", "filter", "train", "evaluate", "export")
+
+# Config sections each stage's output depends on (the rest — concurrency, rate limits, budgets —
+# changes how fast we get there, not what we get).
+_TEACHER_RUNTIME_KEYS = {"max_concurrency", "requests_per_minute", "tokens_per_minute",
+                         "timeout_s", "max_retries", "max_cost_usd", "batch_size", "device",
+                         "base_url", "api_key_env"}
+
+console = Console(stderr=True)
+
+
+def _teacher_identity(cfg: PipelineConfig) -> dict[str, Any]:
+    data = cfg.teacher.model_dump(mode="json")
+    return {k: v for k, v in data.items() if k not in _TEACHER_RUNTIME_KEYS}
+
+
+def _dir_signature(path: Path) -> str:
+    """Cheap signature of a model directory: names, sizes and mtimes (no hashing of GBs)."""
+    if not path.exists():
+        return "missing"
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _file_fp(path: Path) -> str:
+    return file_fingerprint(path) if path.exists() else "missing"
+
+
+def input_fingerprint(stage: str, cfg: PipelineConfig, run: RunDir) -> str:
+    d = cfg.model_dump(mode="json")
+    if stage == "generate":
+        files = [cfg.generate.prompt, cfg.seeds.path, cfg.generate.source]
+        return fingerprint(stage, d["seeds"], d["generate"], _teacher_identity(cfg), d["seed"],
+                           [_file_fp(cfg.resolve(f)) for f in files if f])
+    if stage == "filter":
+        extra = [cfg.filter.judge.prompt] if cfg.filter.judge else []
+        if cfg.filter.decontaminate:
+            extra += cfg.filter.decontaminate.against
+        return fingerprint(stage, d["filter"], _file_fp(run.stage("generate") /
+                                                        "generations.jsonl"),
+                           [_file_fp(cfg.resolve(f)) for f in extra])
+    if stage == "train":
+        return fingerprint(stage, d["train"], d["seed"], _file_fp(run.stage("sft") / "sft.jsonl"))
+    if stage == "evaluate":
+        return fingerprint(stage, d["evaluate"], _teacher_identity(cfg), d["train"],
+                           d["generate"]["prompt"],
+                           [_dir_signature(p) for p in sorted(run.root.glob("student*"))])
+    if stage == "export":
+        return fingerprint(stage, d["export"], d["evaluate"],
+                           _dir_signature(run.stage("student")))
+    raise ValueError(stage)
+
+
+def stage_function(stage: str) -> Callable[[PipelineConfig, RunDir], dict[str, Any]]:
+    module = {"generate": "distill.generate.stage", "filter": "distill.filter.run",
+              "train": "distill.train.stage", "evaluate": "distill.evaluate.stage",
+              "export": "distill.export.stage"}[stage]
+    return importlib.import_module(module).run  # type: ignore[no-any-return]
+
+
+def write_resolved_config(cfg: PipelineConfig, run: RunDir) -> None:
+    """The resolved config, for reproducibility. It holds env var *names*, never their values."""
+    data = cfg.model_dump(mode="json", exclude={"root"})
+    with atomic_path(run.config) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def run_stage(stage: str, cfg: PipelineConfig, run: RunDir, *, force: bool = False
+              ) -> dict[str, Any]:
+    fp = input_fingerprint(stage, cfg, run)
+    entry = run.manifest()["stages"].get(stage, {})
+    if not force and entry.get("status") == "done" and entry.get("input_fingerprint") == fp:
+        console.print(f"[dim]{stage}: up to date, skipped[/dim]")
+        return entry
+    if stage == "evaluate" and cfg.evaluate is None:
+        raise ConfigError("evaluate: section missing from the pipeline file")
+    if stage == "export" and cfg.export is None:
+        raise ConfigError("export: section missing from the pipeline file")
+    console.print(f"[bold cyan]▶ {stage}[/bold cyan]")
+    run.update_manifest(stage, status="running", started=now(), input_fingerprint=fp,
+                        finished=None, error=None)
+    t0 = time.perf_counter()
+    try:
+        result = stage_function(stage)(cfg, run)
+    except ConfigError:
+        run.update_manifest(stage, status="failed", error="bad input")
+        raise
+    except BaseException as err:
+        run.update_manifest(stage, status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return run.update_manifest(stage, status="done", finished=now(),
+                               seconds=round(time.perf_counter() - t0, 2), **result)
+
+
+def run_pipeline(cfg: PipelineConfig, run: RunDir, stages: list[str] | None = None,
+                 force: bool = False) -> dict[str, Any]:
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(cfg, run)
+    m = run.manifest()
+    if m.get("name") != cfg.name:
+        m["name"] = cfg.name
+        write_json(run.manifest_path, m)
+    for stage in stages or cfg.stages:
+        run_stage(stage, cfg, run, force=force)
+    from distill.evaluate.report import write_report
+
+    write_report(run)
+    return run.manifest()

@@ -1,0 +1,75 @@
+"""Loading or building the student model and tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distill.config import ConfigError, PipelineConfig
+
+# Used when a tokenizer has no chat template of its own (e.g. a base model): plain role tags,
+# the assistant turn closed by EOS so the student learns to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _check_dir(name: str, field: str) -> None:
+    p = Path(name)
+    if (name.startswith((".", "/")) or p.exists()) and not (p / "config.json").exists():
+        raise ConfigError(f"{field}: {name}: not a model directory (no config.json)")
+
+
+def load_tokenizer(cfg: PipelineConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    t = cfg.train
+    name = t.tokenizer or (t.student if t.student else cfg.teacher.model)
+    if not name:
+        raise ConfigError("train.tokenizer: no tokenizer (set train.student or train.tokenizer)")
+    name = str(cfg.resolve(name)) if cfg.resolve(name).exists() else name
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=t.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def build_student(cfg: PipelineConfig, tok: Any) -> Any:
+    """A fresh model from `train.student_config`, or pretrained weights (safetensors only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t = cfg.train
+    torch.manual_seed(t.seed if t.seed is not None else cfg.seed)
+    if t.student_config:
+        kw = dict(t.student_config)
+        model_type = kw.pop("model_type", None)
+        if not model_type:
+            raise ConfigError("train.student_config.model_type: required (e.g. llama, qwen2)")
+        kw.setdefault("vocab_size", len(tok))
+        kw.setdefault("pad_token_id", tok.pad_token_id)
+        kw.setdefault("bos_token_id", tok.bos_token_id)
+        kw.setdefault("eos_token_id", tok.eos_token_id)
+        try:
+            config = AutoConfig.for_model(model_type, **kw)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"train.student_config: {err}") from None
+        return AutoModelForCausalLM.from_config(config)
+    if not t.student:
+        raise ConfigError("train.student: empty; set a model directory, hub id or student_config")
+    name = str(cfg.resolve(t.student)) if cfg.resolve(t.student).exists() else t.student
+    _check_dir(name, "train.student")
+    return AutoModelForCausalLM.from_pretrained(
+        name, trust_remote_code=t.trust_remote_code, use_safetensors=True,
+        dtype=torch.bfloat16 if t.bf16 else torch.float32,
+    )
+
+
+def count_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
