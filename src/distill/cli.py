@@ -63,7 +63,7 @@ def _dry_run(cfg: PipelineConfig) -> None:
         for m in jobs[0].messages:
             out.print(f"[bold]{m['role']}[/bold]: {m['content']}", highlight=False)
         out.rule()
-    est = estimate(cfg, jobs)
+    est = estimate(cfg.teacher, jobs)
     table = Table(title=f"dry run: {cfg.name} (no teacher called)")
     table.add_column("item")
     table.add_column("estimate", justify="right")
