@@ -21,10 +21,12 @@ def test_micro_pipeline_end_to_end(micro_pipeline: Path, tmp_path: Path) -> None
               "student/model.safetensors", "student/README.md", "evaluate/metrics.json",
               "evaluate/predictions.jsonl", "report.md", "accuracy.png", "funnel.png"):
         assert (run_dir / f).exists(), f
-    gens = [json.loads(x) for x in (run_dir / "generate/generations.jsonl").read_text().splitlines()]
+    gens_text = (run_dir / "generate/generations.jsonl").read_text()
+    gens = [json.loads(x) for x in gens_text.splitlines()]
     assert len(gens) == 12 and {g["sample"] for g in gens} == {0, 1}
     # The memorizing teacher answers its questions: most samples verify.
-    filtered = [json.loads(x) for x in (run_dir / "filter/filtered.jsonl").read_text().splitlines()]
+    filtered_text = (run_dir / "filter/filtered.jsonl").read_text()
+    filtered = [json.loads(x) for x in filtered_text.splitlines()]
     assert all("keep" in r and "drop_reason" in r for r in filtered)
     assert all(r["drop_reason"] for r in filtered if not r["keep"])
     assert sum(r["keep"] for r in filtered) >= 3
