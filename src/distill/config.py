@@ -122,7 +122,7 @@ class NearDedupConfig(Strict):
     """Near-duplicates: MinHash LSH over word n-gram shingles of the normalized text."""
 
     threshold: float = Field(0.8, gt=0, le=1)
-    """Estimated Jaccard similarity of the shingle sets at or above which two rows are duplicates."""
+    """Jaccard similarity of the shingle sets (estimated) at or above which rows are duplicates."""
     num_perm: int = Field(128, ge=16)
     """MinHash permutations: more is a sharper estimate and a slower pass."""
     ngram: int = Field(5, ge=1)
@@ -391,7 +391,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
             msg = "unknown key"
         raise ConfigError(f"{path}: {field}: {msg}") from None
     check_files(cfg, path)
+    _resolve_model_paths(cfg)
     return cfg
+
+
+def _resolve_model_paths(cfg: PipelineConfig) -> None:
+    """Model directories given relative to the project become absolute; hub ids stay as they are."""
+    def fix(name: str | None) -> str | None:
+        return str(cfg.resolve(name).resolve()) if name and cfg.resolve(name).is_dir() else name
+
+    cfg.teacher.model = fix(cfg.teacher.model) or ""
+    cfg.train.student = fix(cfg.train.student) or ""
+    cfg.train.tokenizer = fix(cfg.train.tokenizer)
+    if cfg.filter.judge is not None and cfg.filter.judge.teacher is not None:
+        cfg.filter.judge.teacher.model = fix(cfg.filter.judge.teacher.model) or ""
 
 
 def check_files(cfg: PipelineConfig, path: Path) -> None:
