@@ -7,6 +7,7 @@ does not already hold, and each completion is written to the cache as soon as it
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,15 @@ def make_progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         transient=transient,
     )
+
+
+def progress_info(stats: EngineStats, teacher: Any, started: float) -> str:
+    """One status line: done, failed, in flight (backends that know), tokens, $, rate."""
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    in_flight = getattr(teacher, "in_flight", None)
+    flight = f" · in flight {in_flight}" if isinstance(in_flight, int) else ""
+    return (f"done {stats.sent} · failed {stats.failed}{flight} · tok {stats.prompt_tokens}"
+            f"+{stats.completion_tokens} · ${stats.cost_usd:.4f} · {stats.sent / elapsed:.1f}/s")
 
 
 def run_jobs(
@@ -102,6 +112,7 @@ async def arun_jobs(
     stats.cached = len(results)
 
     progress = make_progress()
+    started = time.perf_counter()
     task = progress.add_task(description, total=stats.requested, completed=stats.cached,
                              info=f"cached {stats.cached}")
     if show_progress:
@@ -120,11 +131,8 @@ async def arun_jobs(
                                            price_in, price_out)
                 if comp.error and "budget" in comp.error:
                     stats.budget_stopped = True
-                progress.update(
-                    task, advance=1,
-                    info=(f"failed {stats.failed} · tok {stats.prompt_tokens}"
-                          f"+{stats.completion_tokens} · ${stats.cost_usd:.4f}"),
-                )
+                progress.update(task, advance=1,
+                                info=progress_info(stats, teacher, started))
     finally:
         if show_progress:
             progress.stop()
