@@ -76,5 +76,6 @@ class Teacher(Protocol):
     async def aclose(self) -> None: ...
 
 
-def cost_usd(prompt_tokens: int, completion_tokens: int, price_in: float, price_out: float) -> float:
+def cost_usd(prompt_tokens: int, completion_tokens: int, price_in: float,
+             price_out: float) -> float:
     return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6

@@ -56,8 +56,9 @@ class ResponseCache:
         return out
 
     def put(self, key: str, completion: Completion) -> None:
-        """Only successful completions are cached: errors are retried on the next run."""
-        if completion.error:
+        """Cache what the server delivered (and billed): successes, and responses dropped by
+        policy ("dropped: finish_reason=..."). Transient errors are retried on the next run."""
+        if completion.error and not completion.error.startswith("dropped:"):
             return
         value: dict[str, Any] = completion.to_json()
         with self._lock:
