@@ -689,3 +689,18 @@ def test_empty_model_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="teacher.model"):
         OpenAITeacher(teacher_cfg("http://localhost:1/v1", model=""))
 
+
+
+def test_dropped_responses_are_cached_and_not_paid_twice(fake_server: FakeServer,
+                                                         tmp_path: Path) -> None:
+    """A content-filtered answer was delivered and billed: a rerun must not buy it again."""
+    jobs = make_jobs(2, samples=2)
+    fake_server.handler = _finish("content_filter")
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    cfg = teacher_cfg(fake_server.url, on_content_filter="drop")
+    first, _ = run_jobs(fast_teacher(cfg), jobs, cache, show_progress=False)
+    sent = fake_server.chat_count
+    again, stats = run_jobs(fast_teacher(cfg), jobs, cache, show_progress=False)
+    cache.close()
+    assert stats.sent == 0 and fake_server.chat_count == sent
+    assert {k: c.error for k, c in again.items()} == {k: c.error for k, c in first.items()}
