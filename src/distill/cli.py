@@ -142,6 +142,27 @@ def report(run_dir: Path) -> None:
     out.print(f"report: {write_report(RunDir(run_dir))}")
 
 
+@app.command()
+def push(run_dir: Path, repo_id: str,
+         private: Annotated[bool, typer.Option("--private", help="Create the repo private")]
+         = False) -> None:
+    """Upload RUN_DIR/sft (training set, its formats, dataset card) to the Hub as dataset REPO_ID.
+
+    The token comes from the HF_TOKEN environment variable.
+    """
+    from distill.hub import push_sft
+
+    try:
+        pushed = push_sft(run_dir, repo_id, private=private)
+    except ConfigError as err:
+        _fail(2, str(err))
+    except Exception as err:  # noqa: BLE001 - network/auth failures: one line, exit 1
+        _fail(1, f"push failed: {type(err).__name__}: {err}")
+    else:
+        out.print(f"pushed {pushed['rows']} rows ({', '.join(pushed['files'])}) to "
+                  f"{pushed['url']}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

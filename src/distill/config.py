@@ -41,6 +41,9 @@ class SeedsConfig(Strict):
     limit: int | None = Field(None, ge=1)
     source: str | None = None
     """Name recorded in each seed's `source` (default: the file name or task name)."""
+    license: str | None = None
+    """Licence of the seed data (an SPDX-style id such as `mit`), written into the dataset card.
+    Default: read from a LICENSE file beside the seed file when it names a common licence."""
 
     @model_validator(mode="after")
     def _one_source(self) -> SeedsConfig:
@@ -80,14 +83,21 @@ class TeacherConfig(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Extra fields sent with every request (openai backend), e.g. chat_template_kwargs."""
+    terms: str | None = None
+    """The teacher's licence or terms of use for its outputs (text or a URL), copied into the
+    dataset card so whoever reuses the data sees them (e.g. "OpenAI Terms of Use: ...")."""
 
 
 class GenerateConfig(Strict):
     task: Literal["cot", "instruct"] = "cot"
+    """cot: one rationale per seed question (verified against gold downstream); instruct:
+    self-instruct new instructions from seed tasks, then answer them (`self_instruct`)."""
     source: str | None = None
     """Bring your own generations: a jsonl/parquet file in the generation schema, used instead of
     calling a teacher (rows need at least question and response; the rest is derived)."""
     prompt: str = "prompts/cot.j2"
+    """Template of the teacher's prompt: the question (cot) or the instruction to answer
+    (instruct; variables instruction, input, question)."""
     system_prompt: str | None = None
     samples_per_prompt: int = Field(1, ge=1)
     temperature: float = Field(0.7, ge=0)
@@ -96,26 +106,89 @@ class GenerateConfig(Strict):
     seed: int | None = None
     """Sampling seed (default: the pipeline's seed)."""
     adaptive: AdaptiveConfig | None = None
+    """CoT only: sample each seed in rounds until `k` rationales verify (replaces
+    samples_per_prompt)."""
     self_instruct: SelfInstructConfig | None = None
+    """instruct only: how new instructions are proposed, filtered and evolved (default: the
+    defaults below)."""
 
 
 class AdaptiveConfig(Strict):
-    """Adaptive rejection sampling: sample a seed until `k` verified rationales or `max_samples`."""
+    """Adaptive rejection sampling: sample a seed until `k` verified rationales or `max_samples`.
+
+    Round 1 draws `k` samples of every seed. Later rounds draw, for each seed still short of `k`,
+    what its observed pass rate says it needs (a seed with no pass yet doubles its samples), so
+    hard questions get more tries and easy ones stop early. The last round spends whatever is
+    left of `max_samples`. Seeds without a gold answer get `k` samples and no more.
+    """
 
     k: int = Field(1, ge=1)
+    """Verified rationales wanted per seed."""
     max_samples: int = Field(8, ge=1)
+    """Most samples drawn for one seed, over all rounds."""
     rounds: int = Field(4, ge=1)
+    """Most sampling rounds (one teacher pass over the unfinished seeds each)."""
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> AdaptiveConfig:
+        if self.max_samples < self.k:
+            raise ValueError("max_samples must be >= k")
+        return self
+
+
+EvolveMethod = Literal["add_constraints", "deepen", "concretize", "increase_reasoning",
+                       "complicate_input", "breadth"]
+_IN_DEPTH: tuple[EvolveMethod, ...] = ("add_constraints", "deepen", "concretize",
+                                       "increase_reasoning", "complicate_input")
 
 
 class SelfInstructConfig(Strict):
-    seed_tasks: str = "data/seed_tasks.jsonl"
+    """Self-instruct: the teacher proposes new instructions from sampled seed tasks; those too
+    similar to any instruction already in the pool are dropped; the rest are (optionally) evolved
+    to be harder, then answered with `generate.prompt`."""
+
+    seed_tasks: str | None = None
+    """jsonl of hand-written tasks {instruction, input?, output?} (default: seeds.path, read with
+    seeds.question_field as the instruction)."""
     prompt: str = "prompts/self_instruct.j2"
-    answer_prompt: str = "prompts/instruct.j2"
+    """Proposal template; variables: examples (list of {instruction, input, output}), num."""
+    answer_prompt: str | None = None
+    """Template used to answer each instruction (default: generate.prompt)."""
     num_instructions: int = Field(50, ge=1)
+    """New instructions wanted (the answered set may be smaller if `max_rounds` runs out)."""
+    instructions_per_prompt: int = Field(8, ge=1)
+    """How many new instructions each proposal prompt asks for."""
     examples_per_prompt: int = Field(3, ge=1)
+    """In-context examples per proposal prompt."""
+    machine_examples_per_prompt: int = Field(1, ge=0)
+    """Of those, how many are drawn from instructions generated so far (once there are any)."""
+    max_rounds: int = Field(10, ge=1)
+    """Proposal rounds before giving up on reaching num_instructions."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature of the proposal and evolution calls (diversity over precision)."""
+    max_tokens: int = Field(1024, ge=1)
+    """Token limit of a proposal or evolution reply."""
+    novelty_metric: Literal["minhash", "rouge_l"] = "minhash"
+    """minhash: Jaccard estimate of word n-gram sets (filter.dedup's MinHash, vectorized);
+    rouge_l: ROUGE-L F1 of the word sequences, as in the self-instruct paper (slower: pure Python,
+    quadratic in the pool)."""
     novelty_threshold: float = Field(0.7, gt=0, le=1)
-    evolve_prompt: str | None = None
+    """A proposal whose similarity to any instruction in the pool reaches this is dropped."""
+    novelty_ngram: int = Field(1, ge=1)
+    """Words per shingle for minhash. Instructions are short: with 1 (word sets), "Write a haiku
+    about winter" and "Write a haiku about the winter" are 0.83 similar; with 2, 0.57."""
+    num_perm: int = Field(128, ge=16)
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(150, ge=1)
+    evolve_prompt: str = "prompts/evolve.j2"
+    """Evol-instruct template; variables: instruction, method."""
     evolve_rounds: int = Field(0, ge=0)
+    """Times each instruction is rewritten to be harder (0: no evolution)."""
+    evolve_methods: list[EvolveMethod] = Field(default_factory=lambda: list(_IN_DEPTH))
+    """Rewrites to draw from, one per instruction and round (see prompts/evolve.j2): evol-instruct's
+    in-depth methods by default; "breadth" writes a new instruction in the same domain."""
+    evolve_keep_original: bool = False
+    """Answer every intermediate version too, not only the last one."""
 
 
 class NearDedupConfig(Strict):
@@ -420,11 +493,13 @@ def check_files(cfg: PipelineConfig, path: Path) -> None:
     if cfg.filter.decontaminate:
         for i, p in enumerate(cfg.filter.decontaminate.against):
             checks.append((f"filter.decontaminate.against.{i}", p))
-    if cfg.generate.self_instruct:
-        si = cfg.generate.self_instruct
+    if cfg.generate.task == "instruct":
+        si = cfg.generate.self_instruct or SelfInstructConfig()
         checks += [("generate.self_instruct.seed_tasks", si.seed_tasks),
                    ("generate.self_instruct.prompt", si.prompt),
                    ("generate.self_instruct.answer_prompt", si.answer_prompt)]
+        if si.evolve_rounds:
+            checks.append(("generate.self_instruct.evolve_prompt", si.evolve_prompt))
     for field, value in checks:
         if value and not cfg.resolve(value).exists():
             raise ConfigError(f"{path}: {field}: file not found: {value}")

@@ -24,5 +24,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     sft = sft_rows(kept)
     write_stage(run_dir.stage("sft"), sft, "sft.jsonl",
                 {"README.md": dataset_card(cfg, funnel, len(sft))})
+    from distill.formats import write_formats  # parquet, prompt/completion, alpaca
+
+    formats = write_formats(run_dir.stage("sft"), sft)
     return {"in": len(rows), "kept": len(kept), "sft_rows": len(sft),
-            "seeds_covered": len({r["seed_id"] for r in kept})}
+            "seeds_covered": len({r["seed_id"] for r in kept}), "sft_formats": formats}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from distill.config import PipelineConfig
 
 
@@ -44,27 +42,7 @@ def label_only_rows(sft: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def dataset_card(cfg: PipelineConfig, funnel: dict[str, Any], n_rows: int) -> str:
-    meta = {
-        "license": "other",
-        "task_categories": ["text-generation"],
-        "tags": ["distill", "synthetic", "chain-of-thought" if cfg.generate.task == "cot"
-                 else "instruction-tuning"],
-        "size_categories": ["n<1K" if n_rows < 1000 else "1K<n<10K" if n_rows < 10000
-                            else "10K<n<100K"],
-        "configs": [{"config_name": "default", "data_files": "sft.jsonl"}],
-    }
-    steps = "\n".join(f"| {f['name']} | {f['in']} | {f['out']} | "
-                      f"{', '.join(f'{k}: {v}' for k, v in f['dropped'].items()) or '-'} |"
-                      for f in funnel["filters"])
-    seeds = cfg.seeds.path or f"procedural task `{cfg.seeds.task.name}`"  # type: ignore[union-attr]
-    return (
-        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
-        f"# {cfg.name}: distilled training set\n\n"
-        f"{n_rows} conversations (`messages` column) distilled by `distill` from teacher "
-        f"`{cfg.teacher.backend}:{cfg.teacher.model}` on seeds from {seeds}.\n\n"
-        f"- task: {cfg.generate.task}; samples per prompt: {cfg.generate.samples_per_prompt}; "
-        f"temperature: {cfg.generate.temperature}\n"
-        f"- teacher terms: check the teacher's licence/terms of use before redistributing.\n\n"
-        f"## Funnel\n\n| filter | in | out | dropped |\n|---|---|---|---|\n{steps}\n\n"
-        f"## Reproduce\n\n```\ndistill run pipelines/{cfg.name}.yaml\n```\n"
-    )
+    """sft/README.md: Hub metadata (licences, teacher, counts, funnel, command) + prose."""
+    from distill.formats import dataset_card as card
+
+    return card(cfg, funnel, n_rows)

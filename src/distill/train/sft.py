@@ -98,21 +98,34 @@ def train_sft(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, *, label: st
         result = trainer.train()
         train_s = time.perf_counter() - t0
         history = [h for h in trainer.state.log_history if "loss" in h]
-        with atomic_path(out_dir) as tmp:
-            final = trainer.model
-            if cfg.train.lora is not None:
-                final.save_pretrained(tmp / "adapter", safe_serialization=True)
-                final = final.merge_and_unload()
-            final.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            info = {
-                "label": label, "params": n_params, "train_rows": len(dataset),
-                "steps": trainer.state.global_step, "train_s": round(train_s, 2),
-                "final_loss": history[-1]["loss"] if history else None,
-                "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
-                "loss_history": [(h["step"], h["loss"]) for h in history],
-            }
-            (tmp / "README.md").write_text(model_card(cfg, info))
+        acc = trainer.accelerator
+        info = {
+            "label": label, "params": n_params, "train_rows": len(dataset),
+            "steps": trainer.state.global_step, "train_s": round(train_s, 2),
+            "final_loss": history[-1]["loss"] if history else None,
+            "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
+            "loss_history": [(h["step"], h["loss"]) for h in history],
+            "world_size": acc.num_processes,
+        }
+        # Under `accelerate launch` every process trains and the main one saves. FSDP-sharded
+        # weights are gathered first: a collective, so every process makes the call.
+        state = acc.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        if acc.is_main_process:
+            with atomic_path(out_dir) as tmp:
+                final = trainer.model
+                if cfg.train.lora is not None:
+                    final.save_pretrained(tmp / "adapter", safe_serialization=True,
+                                          state_dict=state)
+                    if state is not None:  # sharded in memory: merge into a fresh base copy
+                        from peft import PeftModel
+
+                        final = PeftModel.from_pretrained(build_student(cfg, tok), tmp / "adapter")
+                        state = None
+                    final = final.merge_and_unload()
+                final.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+                tok.save_pretrained(tmp)  # with the chat template the student was trained on
+                (tmp / "README.md").write_text(model_card(cfg, info))
+        acc.wait_for_everyone()
         return info
     finally:
         shutil.rmtree(work, ignore_errors=True)

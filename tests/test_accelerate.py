@@ -1,0 +1,104 @@
+"""`distill train` runs unchanged under `accelerate launch`: two data-parallel processes train one
+student, and only the main process saves it.
+
+On a machine without GPUs, `accelerate launch --cpu --num_processes 2` starts a single process
+(accelerate runs multi-CPU jobs through mpirun), so the test launches with `--multi_gpu`: that
+goes through torchrun, and the trainer, finding no CUDA, runs both ranks on the CPU over gloo,
+which is the same DDP code path a GPU run takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tiny import CHAT_TEMPLATE, make_tokenizer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _accelerate() -> list[str]:
+    exe = Path(sys.executable).with_name("accelerate")
+    return [str(exe)] if exe.exists() else [shutil.which("accelerate") or "accelerate"]
+
+
+@pytest.fixture()
+def sft_project(tmp_path: Path) -> Path:
+    """A project dir with a curated sft set (8 rows) and a pipeline file with a tiny student."""
+    rows: list[dict[str, Any]] = [
+        {"id": f"r{i}", "seed_id": f"s{i}", "question": f"What is {i} + {i}?",
+         "gold": str(2 * i), "answer": str(2 * i),
+         "messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                      {"role": "assistant",
+                       "content": f"{i} + {i} = {2 * i}.\nThe answer is {2 * i}."}]}
+        for i in range(8)]
+    make_tokenizer(tmp_path / "tok", [m["content"] for r in rows for m in r["messages"]])
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    (tmp_path / "run" / "sft" / "sft.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "seeds.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "prompts").mkdir()
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "prompts" / "cot.j2", tmp_path / "prompts" / "cot.j2")
+    (tmp_path / "pipelines" / "ddp.yaml").write_text("""
+name: ddp
+seeds: {path: data/seeds.jsonl}
+train:
+  student_config: {model_type: llama, hidden_size: 32, intermediate_size: 64,
+                   num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 4,
+                   max_position_embeddings: 256, tie_word_embeddings: true}
+  tokenizer: tok
+  lora: {r: 4, alpha: 8}
+  epochs: 1
+  batch_size: 2
+  max_length: 128
+  logging_steps: 1
+""")
+    return tmp_path
+
+
+def test_train_under_accelerate_launch_two_processes(sft_project: Path) -> None:
+    run_dir = sft_project / "run"
+    cmd = [*_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           "-m", "distill.cli", "train", "pipelines/ddp.yaml", "--run-dir", str(run_dir)]
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                        "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=sft_project, env=env, capture_output=True, text=True,
+                          timeout=280)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    info = manifest["stages"]["train"]["students"]["student"]
+    assert manifest["stages"]["train"]["status"] == "done"
+    assert info["world_size"] == 2
+    # 8 rows, 2 per device, 2 devices: 2 optimizer steps per process (the data was sharded)
+    assert info["steps"] == 2
+    # one student, saved once: no second writer's leftovers beside it
+    student = run_dir / "student"
+    assert (student / "model.safetensors").is_file()
+    assert (student / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+    assert log.count("Writing model shards: 100%") <= 1  # the merged model: main process only
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(student).chat_template == CHAT_TEMPLATE
+    AutoModelForCausalLM.from_pretrained(student)  # loads as a plain model
