@@ -51,6 +51,9 @@ def input_fingerprint(stage: str, cfg: PipelineConfig, run: RunDir) -> str:
     d = cfg.model_dump(mode="json")
     if stage == "generate":
         files = [cfg.generate.prompt, cfg.seeds.path, cfg.generate.source]
+        si = cfg.generate.self_instruct
+        if si is not None:
+            files += [si.prompt, si.seed_tasks, si.answer_prompt, si.evolve_prompt]
         return fingerprint(stage, d["seeds"], d["generate"], _teacher_identity(cfg), d["seed"],
                            [_file_fp(cfg.resolve(f)) for f in files if f])
     if stage == "filter":
