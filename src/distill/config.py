@@ -318,15 +318,42 @@ class LoraConfig(Strict):
 
 
 class KDConfig(Strict):
+    """Soft-target distillation (`train.method: kd | gkd`, or `train.also`); see `distill.train.kd`.
+
+    loss = alpha * CE(teacher's tokens) + (1 - alpha) * T^2 * D(teacher_T || student_T)
+           [+ hidden_weight * hidden-state loss], on the assistant tokens only.
+    """
+
     temperature: float = Field(2.0, gt=0)
+    """T: both distributions are softened as softmax(logits / T); the soft term is scaled by T^2
+    so its gradients keep their size as T grows (Hinton et al.)."""
     alpha: float = Field(0.5, ge=0, le=1)
     """Weight of the hard-token cross-entropy; (1 - alpha) goes to the soft-target term."""
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """D: forward KL(teacher || student) (mass-covering), reverse KL(student || teacher)
+    (mode-seeking), or the generalized Jensen-Shannon divergence with `beta` (TRL GKD's)."""
     beta: float = Field(0.5, ge=0, le=1)
+    """Generalized JSD interpolation (divergence "jsd"): 0 is forward KL, 1 reverse KL."""
     lmbda: float = Field(0.5, ge=0, le=1)
     """GKD: fraction of on-policy (student-sampled) sequences."""
+    soft_targets: Literal["auto", "stored", "teacher"] = "auto"
+    """Where the teacher's distribution comes from. "stored": the top-k (token, logprob) pairs
+    the generate stage captured (`teacher.top_logprobs` > 0), the teacher renormalized over them.
+    "teacher": the full logits of a local transformers teacher, computed during training.
+    "auto": stored when the rows carry them, else the local teacher."""
+    teacher_model: str | None = None
+    """Local teacher (directory or hub id) for on-the-fly logits, hidden states and GKD
+    (default: `teacher.model` when `teacher.backend` is transformers or vllm)."""
+    sample_temperature: float = Field(1.0, gt=0)
+    """GKD: sampling temperature of the student's on-policy sequences."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """GKD: length of the on-policy samples (default: `generate.max_tokens`)."""
     hidden_weight: float = Field(0.0, ge=0)
+    """Weight of the layer-wise hidden-state loss (needs a local teacher; 0 turns it off)."""
     hidden_layers: list[tuple[int, int]] = Field(default_factory=list)
+    """(student_layer, teacher_layer) pairs, indices into `output_hidden_states` (0 is the
+    embeddings, -1 the last layer); each pair gets a learned linear projection student -> teacher.
+    Empty with hidden_weight > 0: the last layers, [(-1, -1)]."""
     hidden_loss: Literal["mse", "cosine"] = "mse"
 
 
@@ -352,6 +379,10 @@ class TrainConfig(Strict):
     label_only_baseline: bool = False
     """Also train a same-size student on question -> answer only (the ablation)."""
     kd: KDConfig = Field(default_factory=KDConfig)
+    also: list[Literal["kd", "gkd"]] = Field(default_factory=list)
+    """Extra same-size students trained beside the main one, for the side-by-side report:
+    "kd" → `student_kd/`, "gkd" → `student_gkd/` (manifest names "kd"/"gkd"; evaluate reports
+    kd_accuracy/gkd_accuracy). An entry equal to `method` is skipped: the main student is it."""
     trust_remote_code: bool = False
     bf16: bool = False
     logging_steps: int = 10

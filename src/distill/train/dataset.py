@@ -11,15 +11,23 @@ def assistant_text(row: dict[str, Any]) -> str:
     return (row.get("rationale") or row.get("response") or "").strip()
 
 
+# Carried into the sft set when the teacher reported them, for soft-target training (kd.py):
+# the teacher's own tokens, its top-k (token, logprob) per token, and how its text ended.
+SOFT_TARGET_FIELDS = ("token_ids", "top_logprobs", "response", "finish_reason")
+
+
 def sft_rows(kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in kept:
         prompt = list(r.get("messages") or [{"role": "user", "content": r["question"]}])
-        out.append({
+        row = {
             "id": r["id"], "seed_id": r.get("seed_id"), "question": r["question"],
             "gold": r.get("gold"), "answer": r.get("answer"),
             "messages": [*prompt, {"role": "assistant", "content": assistant_text(r)}],
-        })
+        }
+        if r.get("top_logprobs") or r.get("token_ids"):
+            row |= {k: r.get(k) for k in SOFT_TARGET_FIELDS}
+        out.append(row)
     return out
 
 

@@ -1,4 +1,5 @@
-"""The train stage: `sft/` → `student/` (and the label-only ablation when asked)."""
+"""The train stage: `sft/` → `student/` (plus the label-only ablation and the `train.also`
+soft-target students when asked)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
 
         students["student"] = train_kd(cfg, run_dir, rows, run_dir.stage("student"))
     students["student"]["dir"] = "student"
+    for extra in dict.fromkeys(cfg.train.also):  # same-size soft-target students, side by side
+        if extra == method:
+            continue
+        from distill.train.kd import train_kd
+
+        extra_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"method": extra})})
+        info = train_kd(extra_cfg, run_dir, rows, run_dir.stage(f"student_{extra}"), label=extra)
+        students[extra] = info | {"dir": f"student_{extra}"}
     if cfg.train.label_only_baseline:
         from distill.train.sft import train_sft
 
