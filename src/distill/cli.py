@@ -143,6 +143,27 @@ def report(run_dir: Path) -> None:
 
 
 @app.command()
+def chat(run_dir: Path,
+         format_: Annotated[str, typer.Option("--format", help="merged | int8 | int4 | onnx | "
+                                              "gguf")] = "merged",
+         prompt: Annotated[str | None, typer.Option("--prompt", help="Answer this one question "
+                                                    "and exit")] = None,
+         max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 256,
+         raw: Annotated[bool, typer.Option("--raw", help="Send the text without the run's "
+                                           "prompt template")] = False) -> None:
+    """Talk to an exported artifact of RUN_DIR: one answer with --prompt, else one per stdin
+    line until EOF."""
+    from distill.export.chat import chat_session
+
+    try:
+        chat_session(run_dir, format_, prompt, sys.stdin, lambda t: out.print(t, highlight=False,
+                                                                               markup=False),
+                     max_tokens=max_tokens, raw=raw)
+    except ConfigError as err:
+        _fail(2, str(err))
+
+
+@app.command()
 def push(run_dir: Path, repo_id: str,
          private: Annotated[bool, typer.Option("--private", help="Create the repo private")]
          = False) -> None:

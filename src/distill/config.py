@@ -403,12 +403,60 @@ class EvaluateConfig(Strict):
     bootstrap: int = Field(1000, ge=0)
 
 
+class PruneConfig(Strict):
+    """Structured pruning before export, then a short recovery run on `run_dir/sft/` (one step).
+
+    Importance is measured on `calib_rows` rows of the SFT set. The recovery loss is
+    `kd_alpha` × cross-entropy on the assistant tokens + (1 − kd_alpha) × KL(unpruned ‖ pruned).
+    """
+
+    drop_layers: int = Field(0, ge=0)
+    """Remove this many decoder layers: those whose output is most like their input (lowest
+    block influence, 1 − cos(in, out), as in ShortGPT). At least one layer always stays."""
+    ffn_keep: float = Field(1.0, gt=0, le=1)
+    """Keep this fraction of every MLP's intermediate channels, ranked by mean |act(gate)·up| ×
+    the norm of the matching down-projection column (rounded up to a multiple of 32)."""
+    calib_rows: int = Field(32, ge=1)
+    recover_steps: int = Field(30, ge=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    kd_alpha: float = Field(0.5, ge=0, le=1)
+    max_length: int = Field(512, ge=8)
+
+
 class ExportConfig(Strict):
+    """Edge export (`distill.export`): each format is written to `export/<format>/`, loaded back in
+    its own runtime and measured (bytes, held-out accuracy, CPU latency, peak memory)."""
+
     formats: list[Literal["merged", "int8", "int4", "onnx", "gguf"]] = Field(
         default_factory=lambda: ["merged"]
     )
-    prune: dict[str, Any] | None = None
+    """merged: LoRA merged, safetensors + tokenizer (plain transformers). int8: per-row int8
+    weights in safetensors, run with PyTorch dynamic int8 Linear. onnx: fp32 graph with KV cache
+    for ONNX Runtime. int4: that graph with 4-bit block weights (ORT MatMulNBits). gguf: a
+    llama.cpp file (llama / qwen2 architectures)."""
+    prune: PruneConfig | None = None
     latency_prompts: int = Field(16, ge=1)
+    """Held-out prompts answered one at a time to measure CPU latency per answer (p50/p95)."""
+    eval_limit: int | None = Field(64, ge=1)
+    """At most this many held-out items scored per artifact (None: all of them)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Answer length cap while measuring (default: evaluate.max_tokens)."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads given to every runtime alike (default: torch's current setting)."""
+    gguf_type: Literal["f32", "f16", "q8_0"] = "q8_0"
+    """GGUF weight type for 2-D tensors; rows whose length is not a multiple of 32 fall back to
+    f16 (norms stay f32)."""
+    gguf_pre: str = "auto"
+    """llama.cpp pre-tokenizer name (tokenizer.ggml.pre); auto reads tokenizer.json."""
+    int4_block_size: int = Field(32, ge=16)
+    int8_runtime: Literal["torch", "onnxruntime"] = "torch"
+    """torch: packed int8 safetensors run by PyTorch dynamic int8 Linear (per-tensor activation
+    quantization); onnxruntime: the ONNX graph with 8-bit block weights (ORT MatMulNBits)."""
+    onnx_opset: int = Field(21, ge=17)
+    teacher_params: int | None = Field(None, ge=1)
+    """Teacher parameter count for the size ratios when the teacher is not a local model
+    directory (an API teacher); its fp32 bytes are taken as 4 × params."""
 
 
 class PipelineConfig(Strict):

@@ -123,20 +123,37 @@ def write_report(run: RunDir) -> Path:
 
     export = _load(run.stage("export") / "export.json")
     if export:
-        lines += ["## Edge export", "", "| format | params | bytes | vs teacher | vs fp32 |"
-                  " accuracy | p50 latency | p95 latency | tok/s | peak MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["## Edge export", "", "| format | runtime | params | bytes | vs teacher |"
+                  " vs fp32 | accuracy | p50 latency | p95 latency | tok/s | peak MB |"
+                  " max abs Δ logits | top-1 vs fp32 |", "|---" * 13 + "|"]
         tb, sb = export.get("teacher_bytes"), export.get("student_fp32_bytes")
         for a in export.get("artifacts", []):
             b = a.get("bytes") or 0
             def ratio(ref: int | None, b: int = b) -> str:
                 return f"{ref / b:.1f}x" if ref and b else "-"
             acc = a.get("accuracy")
+            diff = a.get("max_abs_diff")
             lines.append(
-                f"| {a['format']} | {a.get('params') or '-'} | {_fmt_bytes(b)} | {ratio(tb)} | "
+                f"| {a['format']} | {a.get('runtime') or '-'} | {a.get('params') or '-'} | "
+                f"{_fmt_bytes(b)} | {ratio(tb)} | "
                 f"{ratio(sb)} | {'-' if acc is None else f'{acc * 100:.1f}%'} | "
                 f"{a.get('latency_p50_s', '-')} | {a.get('latency_p95_s', '-')} | "
-                f"{a.get('tokens_per_s', '-')} | {a.get('peak_mem_mb', '-')} |")
+                f"{a.get('tokens_per_s', '-')} | {a.get('peak_mem_mb', '-')} | "
+                f"{'-' if diff is None else f'{diff:.2g}'} | {a.get('top1_agreement', '-')} |")
+        lines.append("")
+        if export.get("student_fp32_accuracy") is not None:
+            lines.append(f"fp32 student accuracy: {export['student_fp32_accuracy'] * 100:.1f}% "
+                         f"on {export.get('n_eval')} held-out items; peak MB: "
+                         f"{export.get('peak_mem_method', 'RSS')}.")
+        if export.get("prune"):
+            p = export["prune"]
+            lines.append(f"Pruned before export: {p.get('layers_before')} → "
+                         f"{p.get('layers_after')} layers, {p.get('params_before'):,} → "
+                         f"{p.get('params_after'):,} parameters, {p.get('recover_steps')} "
+                         f"recovery steps (loss {p.get('loss_pruned')} → {p.get('loss_after')}).")
+        for a in export.get("artifacts", []):
+            for note in a.get("notes") or []:
+                lines.append(f"- {a['format']}: {note}")
         lines.append("")
     with atomic_path(run.report) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

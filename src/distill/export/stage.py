@@ -1,0 +1,256 @@
+"""The export stage: `student/` → `export/<format>/` + `export/export.json`.
+
+Order of work: (optional) prune + recover → merged (the base of every other format) → int8,
+onnx, int4 (from the onnx graph), gguf. Each artifact is then loaded back in its own runtime and
+measured the same way (`measure.py`): bytes, held-out accuracy with the evaluate stage's scorer,
+CPU latency per answer, tokens/s, peak memory, and agreement of its logits with the PyTorch
+fp32 model on a held-out prompt (max |Δ|, top-1 agreement).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distill.config import ConfigError, PipelineConfig
+from distill.export.measure import (
+    PEAK_MEM_METHOD,
+    accuracy,
+    agreement,
+    eval_items,
+    measure,
+    reference_logits,
+    sample_ids,
+)
+from distill.export.merge import TorchRunner, export_merged, load_torch_model
+from distill.export.runtime import (
+    load_runner,
+    load_tokenizer_dir,
+    read_model_config,
+    require_model_dir,
+    stop_ids,
+    weight_bytes,
+)
+from distill.records import RunDir, write_json, write_jsonl
+
+# onnx before int4 (and before an onnxruntime int8): those are quantized from the fp32 graph.
+ORDER = ("merged", "int8", "onnx", "int4", "gguf")
+ORDER_ORT_INT8 = ("merged", "onnx", "int8", "int4", "gguf")
+RUNTIMES = {"merged": "PyTorch (fp32)", "int8": "PyTorch dynamic int8 Linear",
+            "onnx": "ONNX Runtime (CPU)", "int4": "ONNX Runtime MatMulNBits (CPU)",
+            "gguf": "llama.cpp"}
+
+
+def safetensors_params(path: Path) -> int:
+    """Parameter count from safetensors headers, without loading the weights."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as fh:
+            for k in fh.keys():  # noqa: SIM118 - safe_open API
+                n = 1
+                for d in fh.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def teacher_size(cfg: PipelineConfig, run_dir: Path | None) -> dict[str, Any]:
+    """Teacher params, fp32 bytes (4 × params) and bytes on disk, where they can be known."""
+    import json
+
+    from distill.evaluate.stage import dir_bytes
+
+    params: int | None = cfg.export.teacher_params if cfg.export else None
+    disk: int | None = None
+    if cfg.teacher.backend == "transformers" and cfg.teacher.model:
+        path = cfg.resolve(cfg.teacher.model)
+        if path.is_dir():
+            disk = dir_bytes(path)
+            params = params or safetensors_params(path) or None
+    metrics = run_dir / "evaluate" / "metrics.json" if run_dir else None
+    if params is None and metrics is not None and metrics.is_file():
+        params = json.loads(metrics.read_text()).get("teacher_params")
+    return {"teacher_params": params, "teacher_bytes": 4 * params if params else None,
+            "teacher_disk_bytes": disk}
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
+    return round(a / b, digits) if a and b else None
+
+
+def export_artifact(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: PipelineConfig
+                    ) -> dict[str, Any]:
+    """Write one format; returns {"notes": [...], ...} or {"skipped": reason}."""
+    from distill.export import quantize
+
+    e = cfg.export
+    assert e is not None
+    path = out / fmt
+    if fmt != "merged" and path.exists():
+        shutil.rmtree(path)
+    if fmt == "merged":
+        return {"notes": []}
+    if fmt == "int8" and e.int8_runtime == "torch":
+        return quantize.export_int8(model, merged_dir, path)
+    if fmt == "onnx":
+        from distill.export.onnx_export import export_onnx
+
+        return export_onnx(model, merged_dir, path, e.onnx_opset)
+    if fmt in ("int4", "int8"):
+        reason = quantize.int4_available()
+        if reason:
+            return {"skipped": reason}
+        src = out / "onnx"
+        if not (src / "model.onnx").is_file():
+            from distill.export.onnx_export import export_onnx
+
+            src = out / ".onnx-fp32"
+            export_onnx(model, merged_dir, src, e.onnx_opset)
+        try:
+            return quantize.export_nbits(src, path, 4 if fmt == "int4" else 8,
+                                         e.int4_block_size if fmt == "int4" else 32)
+        finally:
+            if src.name == ".onnx-fp32":
+                shutil.rmtree(src, ignore_errors=True)
+    if fmt == "gguf":
+        from distill.export.gguf_export import write_gguf
+
+        return write_gguf(merged_dir, path, qtype=e.gguf_type, pre=e.gguf_pre,
+                          name=cfg.name)
+    raise ConfigError(f"export.formats: unknown format {fmt!r}")
+
+
+def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
+               sft_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
+    """Export and measure every format of `cfg.export.formats`; writes `out/export.json`."""
+    import torch
+
+    e = cfg.export
+    if e is None:
+        raise ConfigError("export: section missing from the pipeline file")
+    require_model_dir(student_dir, "student")
+    order = ORDER if e.int8_runtime == "torch" else ORDER_ORT_INT8
+    formats = [f for f in order if f in e.formats]
+    if "gguf" in formats:
+        from distill.export.gguf_export import check_supported
+
+        check_supported(read_model_config(student_dir))
+    threads = e.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    items = eval_items(cfg)
+
+    student = load_torch_model(student_dir, "student")
+    student_params = sum(p.numel() for p in student.parameters())
+    doc: dict[str, Any] = {"student_dir": str(student_dir), "student_params": student_params,
+                           "student_fp32_bytes": 4 * student_params,
+                           **teacher_size(cfg, run_dir), "n_eval": len(items),
+                           "threads": threads, "peak_mem_method": PEAK_MEM_METHOD,
+                           "notes": ["bytes: weight/graph files only (tokenizer and config "
+                                     "files are shared by every format)",
+                                     "teacher_bytes and student_fp32_bytes: 4 bytes per "
+                                     "parameter (fp32)"]}
+
+    pruned = None
+    if e.prune is not None:
+        from distill.export.prune import prune_and_recover
+        from distill.io import read_stage_rows
+
+        if sft_dir is None or not ((sft_dir / "sft.jsonl").exists()
+                                   or (sft_dir / "dataset").exists()):
+            raise ConfigError(f"export.prune: needs the SFT set for calibration and recovery "
+                              f"({sft_dir}/sft.jsonl not found)")
+        tok = load_tokenizer_dir(student_dir)
+        pruned, doc["prune"] = prune_and_recover(student, tok, read_stage_rows(
+            sft_dir, "sft.jsonl"), e.prune, seed=cfg.seed)
+
+    merged_dir = out / "merged"
+    base = cfg.train.student
+    base_model = str(cfg.resolve(base)) if base and cfg.resolve(base).exists() else base or None
+    merged_info = export_merged(student_dir, merged_dir, base_model=base_model, model=pruned)
+    model = pruned if pruned is not None else load_torch_model(merged_dir, "merged model")
+    params = sum(p.numel() for p in model.parameters())
+    tok = load_tokenizer_dir(merged_dir)
+    ref_runner = TorchRunner(model, tok, stop_ids(tok, merged_dir), "reference", threads)
+    ids = sample_ids(ref_runner, cfg, items)
+    ref = reference_logits(model, ids)
+
+    # Accuracy of the fp32 student as trained: the yardstick of every artifact.
+    fp32_acc: float | None = None
+    if pruned is not None or "merged" not in formats:
+        fp32_runner = TorchRunner(student, tok, ref_runner.eos_ids, "student", threads)
+        fp32_acc, _ = accuracy(fp32_runner, cfg, items, "student_fp32")
+    del student
+    gc.collect()
+
+    artifacts, all_preds = [], []
+    for fmt in formats:
+        info = merged_info if fmt == "merged" else export_artifact(fmt, model, merged_dir, out,
+                                                                    cfg)
+        path = out / fmt
+        row: dict[str, Any] = {"format": fmt, "path": str(path.relative_to(out.parent)),
+                               "params": params, "bytes": None, "accuracy": None,
+                               "latency_p50_s": None, "latency_p95_s": None,
+                               "tokens_per_s": None, "peak_mem_mb": None,
+                               "runtime": RUNTIMES[fmt], "notes": list(info.get("notes", []))}
+        if fmt == "int8" and e.int8_runtime == "onnxruntime":
+            row["runtime"] = "ONNX Runtime MatMulNBits 8-bit (CPU)"
+        if "skipped" in info:
+            row["notes"].append(f"skipped: {info['skipped']}")
+            artifacts.append(row)
+            continue
+        row["bytes"] = weight_bytes(path)
+        metrics, preds, runner = measure(
+            lambda fmt=fmt, path=path: load_runner(fmt, path, threads=threads),
+            cfg, items, fmt)
+        row |= metrics
+        row |= agreement(runner, ids, ref)
+        if fmt == "gguf":
+            backend = getattr(runner, "backend", "llama.cpp")
+            row["runtime"] = "llama.cpp (llama-cpp-python)" if backend == "llama.cpp" else \
+                "numpy reference forward from the GGUF tensors (llama-cpp-python not installed)"
+            if "roundtrip" in info:
+                row["gguf_roundtrip_max_abs_diff"] = info["roundtrip"]["max_abs_diff"]
+        runner.close()
+        del runner
+        gc.collect()
+        all_preds += preds
+        artifacts.append(row)
+        if fmt == "merged" and fp32_acc is None:
+            fp32_acc = row["accuracy"]
+
+    if "merged" not in formats:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+    for row in artifacts:
+        row["ratio_vs_fp32"] = _ratio(doc["student_fp32_bytes"], row["bytes"])
+        row["ratio_vs_teacher"] = _ratio(doc["teacher_bytes"], row["bytes"])
+        row["accuracy_vs_fp32"] = _ratio(row["accuracy"], fp32_acc, 4)
+    doc["student_fp32_accuracy"] = fp32_acc
+    doc["artifacts"] = artifacts
+    sized = [a for a in artifacts if a["bytes"]]
+    if sized:
+        smallest = min(sized, key=lambda a: a["bytes"])
+        doc["smallest"] = {"format": smallest["format"], "bytes": smallest["bytes"],
+                           "ratio_vs_teacher": smallest["ratio_vs_teacher"],
+                           "ratio_vs_fp32": smallest["ratio_vs_fp32"]}
+    write_jsonl(out / "predictions.jsonl", all_preds)
+    write_json(out / "export.json", doc)
+    return doc
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
+    doc = export_all(cfg, run_dir.stage("student"), run_dir.stage("export"),
+                     sft_dir=run_dir.stage("sft"), run_dir=run_dir.root)
+    summary: dict[str, Any] = {"formats": ",".join(a["format"] for a in doc["artifacts"])}
+    if doc.get("smallest"):
+        summary |= {"smallest_format": doc["smallest"]["format"],
+                    "smallest_bytes": doc["smallest"]["bytes"],
+                    "smallest_ratio_vs_teacher": doc["smallest"]["ratio_vs_teacher"]}
+    for a in doc["artifacts"]:
+        if a["accuracy"] is not None:
+            summary[f"{a['format']}_accuracy"] = a["accuracy"]
+    return summary
