@@ -68,8 +68,9 @@ def _dry_run(cfg: PipelineConfig) -> None:
     table.add_column("item")
     table.add_column("estimate", justify="right")
     for k, v in est.items():
-        table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(
-            v, int) else str(v))
+        text = (("yes" if v else "no") if isinstance(v, bool) else f"{v:,.4f}"
+                if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+        table.add_row(k, text)
     out.print(table)
 
 

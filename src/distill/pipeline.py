@@ -71,7 +71,8 @@ def input_fingerprint(stage: str, cfg: PipelineConfig, run: RunDir) -> str:
                            [_dir_signature(p) for p in sorted(run.root.glob("student*"))])
     if stage == "export":
         return fingerprint(stage, d["export"], d["evaluate"],
-                           _dir_signature(run.stage("student")))
+                           _dir_signature(run.stage("student")),
+                           _file_fp(run.stage("sft") / "sft.jsonl"))  # pruning recovers on sft/
     raise ValueError(stage)
 
 
