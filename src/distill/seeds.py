@@ -37,12 +37,11 @@ def read_rows(path: Path, field: str = "seeds.path") -> list[dict[str, Any]]:
 
 
 def task_rows(src: TaskSource) -> list[dict[str, Any]]:
-    from distill.tasks import make_task
+    from distill.tasks import TASKS, make_task
 
-    try:
-        return make_task(src.name, src.split, src.n, src.seed)
-    except KeyError:
-        raise ConfigError(f"task {src.name!r}: unknown task") from None
+    if src.name not in TASKS:
+        raise ConfigError(f"task.name: unknown task {src.name!r}; known: {', '.join(TASKS)}")
+    return make_task(src.name, src.split, src.n, src.seed)
 
 
 def normalize(rows: list[dict[str, Any]], *, question_field: str, answer_field: str | None,
