@@ -1,0 +1,29 @@
+"""Every shipped pipeline file validates, and the demo's dry run renders and counts requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from distill.cli import app
+from distill.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_pipelines_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name and cfg.stages
+
+
+def test_demo_dry_run(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "demo.yaml"), "--dry-run",
+                                   "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "Let's think step by step." in res.output
+    assert "1,200" in res.output  # 400 seeds x 3 samples
+    cfg = load_config(ROOT / "pipelines" / "demo.yaml")
+    assert Path(cfg.teacher.model, "model.safetensors").exists()
