@@ -364,7 +364,7 @@ class TrainConfig(Strict):
     """Build a fresh student from this transformers config (e.g. {model_type: llama, ...})."""
     tokenizer: str | None = None
     """Tokenizer for a fresh student (default: the student directory or the teacher's)."""
-    method: Literal["sft", "multitask", "kd", "gkd"] = "sft"
+    method: Literal["sft", "kd", "gkd"] = "sft"
     lora: LoraConfig | None = None
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1

@@ -21,7 +21,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     students: dict[str, Any] = {}
     method = cfg.train.method
     data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    if method in ("sft", "multitask"):
+    if method == "sft":
         from distill.train.sft import train_sft
 
         students["student"] = train_sft(cfg, data, run_dir.stage("student"), label="student")
