@@ -25,6 +25,7 @@ import torch
 from distill.tasks import arithmetic, make_task, parse_answer
 from distill.tasks.demo_teacher import (
     accuracy,
+    arithmetic_drills,
     build_model,
     build_tokenizer,
     count_params,
@@ -88,6 +89,11 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=0, help="dev accuracy every N steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-value", type=int, default=None, help="override arithmetic.MAX_VALUE")
+    ap.add_argument("--drill-frac", type=float, default=0.0,
+                    help="extra equation-drill sequences, as a fraction of the train rows")
+    ap.add_argument("--drill-only", type=int, default=0,
+                    help="pretrain on this many drill sequences only (a base student)")
+    ap.add_argument("--init", default=None, help="start from this saved model (same tokenizer)")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,11 +103,12 @@ def main() -> None:
     rows = make_task("arithmetic", "train", args.n_train + args.n_dev, args.data_seed)
     train, dev = rows[: args.n_train], rows[args.n_train :]
     result: dict = {"args": vars(args)}
-    if args.load:
+    if args.load or args.init:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.load)
-        model = AutoModelForCausalLM.from_pretrained(args.load, dtype=torch.float32)
+        path = args.load or args.init
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     else:
         tok = build_tokenizer(None, vocab_size=args.vocab)
         cfg = student_config(len(tok), hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -109,6 +116,7 @@ def main() -> None:
                              num_key_value_heads=args.kv_heads or args.heads,
                              intermediate_size=args.ff)
         model = build_model(cfg, tok, seed=args.seed)
+    if not args.load:
         print(f"params {count_params(model):,}", flush=True)
         curve: list[tuple[int, float]] = []
 
@@ -116,8 +124,13 @@ def main() -> None:
             curve.append((step, accuracy(model, tok, dev[:100])))
             print(f"  dev@{step} {curve[-1][1]:.3f}", flush=True)
 
+        if args.drill_only:
+            examples = arithmetic_drills(tok, args.drill_only, seed=args.seed)
+        else:
+            examples = encode_sft(tok, train, args.target)
+            examples += arithmetic_drills(tok, int(args.drill_frac * len(train)), seed=args.seed)
         result["train"] = train_causal_lm(
-            model, encode_sft(tok, train, args.target), epochs=args.epochs, lr=args.lr,
+            model, examples, epochs=args.epochs, lr=args.lr,
             batch_size=args.batch_size, warmup_ratio=args.warmup, weight_decay=args.wd,
             seed=args.seed, pad_id=tok.pad_token_id,
             log_every=args.eval_every or 50, callback=dev_curve if args.eval_every else None,

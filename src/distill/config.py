@@ -357,6 +357,29 @@ class KDConfig(Strict):
     hidden_loss: Literal["mse", "cosine"] = "mse"
 
 
+class DevEvalConfig(Strict):
+    """Greedy accuracy on a development set while a student trains: the learning curve in the
+    report, and how many optimizer steps each student needs to reach a given accuracy. Never
+    the held-out set: items whose question is in `evaluate`'s set are an error, and items whose
+    question is in the training set are dropped."""
+
+    task: TaskSource | None = None
+    dataset: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    limit: int = Field(100, ge=1)
+    every_steps: int = Field(100, ge=1)
+    """Score every this many optimizer steps (and at the first and the last)."""
+    max_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DevEvalConfig:
+        if (self.task is None) == (self.dataset is None):
+            raise ValueError("set exactly one of train.dev.task and train.dev.dataset")
+        return self
+
+
 class TrainConfig(Strict):
     student: str = ""
     """Hub id or local directory of the student, or empty with `student_config` set."""
@@ -377,8 +400,11 @@ class TrainConfig(Strict):
     max_length: int = Field(1024, ge=8)
     packing: bool = False
     label_only_baseline: bool = False
-    """Also train a same-size student on question -> answer only (the ablation)."""
+    """Also train a same-size student on question -> answer only (the ablation), for as many
+    optimizer steps as the main student took (unless `max_steps` fixes them for both)."""
     kd: KDConfig = Field(default_factory=KDConfig)
+    dev: DevEvalConfig | None = None
+    """Learning curves on a development set (every student of the stage, label-only included)."""
     also: list[Literal["kd", "gkd"]] = Field(default_factory=list)
     """Extra same-size students trained beside the main one, for the side-by-side report:
     "kd" → `student_kd/`, "gkd" → `student_gkd/` (manifest names "kd"/"gkd"; evaluate reports

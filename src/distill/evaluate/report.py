@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.records import RunDir, atomic_path
 
-LABELS = {"teacher": "teacher", "base_student": "base student (untrained)",
+LABELS = {"teacher": "teacher", "base_student": "base student (before distillation)",
           "label_only": "label-only student", "student": "distilled student (CoT SFT)",
           "kd": "KD student (soft targets)", "gkd": "GKD student (on-policy)"}
 
@@ -71,6 +71,50 @@ def plot_funnel(funnel: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_dev_curves(students: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for name, info in students.items():
+        curve = info.get("dev_curve") or []
+        if curve:
+            ax.plot([c[0] for c in curve], [c[1] * 100 for c in curve], marker=".",
+                    label=LABELS.get(name, name))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def learning_section(train: dict[str, Any], run: RunDir) -> list[str]:
+    students = train.get("students") or {}
+    if not any(s.get("dev_curve") for s in students.values()):
+        return []
+    plot_dev_curves(students, run.root / "learning_curves.png")
+    target = train.get("dev_target")
+    reach = train.get("steps_to_dev_target") or {}
+    lines = ["## Learning curves (development set, not the held-out set)", "",
+             "![learning curves](learning_curves.png)", "",
+             "| student | steps | train s | final dev accuracy | steps to reach "
+             + (f"{target * 100:.1f}% (the CoT student's final) |" if target is not None
+                else "the CoT student's final |"), "|---|---|---|---|---|"]
+    for name, s in students.items():
+        curve = s.get("dev_curve") or []
+        final = f"{curve[-1][1] * 100:.1f}%" if curve else "-"
+        got = reach.get(name)
+        lines.append(f"| {LABELS.get(name, name)} | {s.get('steps', '-')} | "
+                     f"{s.get('train_s', '-')} | {final} | {'never' if got is None else got} |")
+    return [*lines, ""]
+
+
 def write_report(run: RunDir) -> Path:
     manifest = run.manifest()
     stages = manifest.get("stages", {})
@@ -120,6 +164,8 @@ def write_report(run: RunDir) -> Path:
             if metrics.get(key) is not None:
                 lines.append(f"- {label}: **{metrics[key]}**")
         lines.append("")
+
+    lines += learning_section(stages.get("train") or {}, run)
 
     export = _load(run.stage("export") / "export.json")
     if export:

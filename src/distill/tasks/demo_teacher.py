@@ -1,15 +1,21 @@
-"""The offline demo's tiny teacher: a local tokenizer, model configs, and a plain training loop.
+"""The offline demo's models: a local tokenizer, the teacher, the base student, a plain trainer.
 
-The demo needs a teacher that runs anywhere with no hub access, so this module builds one from
-scratch: a byte-level BPE tokenizer (every digit its own token, chat-role special tokens, a Jinja
-chat template with ``{% generation %}`` markers so TRL's ``assistant_only_loss`` works) and a small
-Llama trained on the gold chains of thought of `distill.tasks.arithmetic`. It is trained once and
-shipped in ``data/models/demo-teacher``:
+The demo needs models that run anywhere with no hub access, so this module builds them from
+scratch: a byte-level BPE tokenizer (every digit its own token, with its place value; chat-role
+special tokens; a Jinja chat template with ``{% generation %}`` markers) shared by every model, and
+two small Llamas, both shipped in ``data/models/`` as safetensors:
 
-    python -m distill.tasks.demo_teacher --out data/models/demo-teacher     # ~10 min, 2 CPU cores
+- the **teacher** (``demo-teacher``, `teacher_config()`): trained from scratch on the gold chains
+  of thought of `distill.tasks.arithmetic`, mixed with plain arithmetic drills;
+- the **base student** (``demo-student-base``, `student_config()`, >= 20x fewer parameters):
+  pretrained on arithmetic drills only — equations and letter-binding chains, never a word
+  problem or a chat turn. It is the demo's stand-in for the small pretrained LM a real recipe
+  distills into: it can add and look numbers up, and scores ~0% on the task until distilled.
 
-`student_config()` is the matching compact student (>= 20x fewer parameters) the demo pipeline
-builds fresh and trains with TRL on the teacher's verified rationales.
+The recipe (sizes, steps, learning rates) is ``pipelines/models/demo.yaml``:
+
+    python -m distill.tasks.demo_teacher teacher        # -> data/models/demo-teacher
+    python -m distill.tasks.demo_teacher base-student   # -> data/models/demo-student-base
 """
 
 from __future__ import annotations
@@ -119,12 +125,12 @@ def _llama(hidden: int, layers: int, heads: int, intermediate: int, vocab_size: 
 
 def teacher_config(vocab_size: int = TOKENIZER_VOCAB, **overrides: Any) -> dict[str, Any]:
     """The shipped teacher's transformers config kwargs."""
-    return {**_llama(256, 4, 8, 1024, vocab_size), **overrides}
+    return {**_llama(192, 4, 6, 768, vocab_size), **overrides}
 
 
 def student_config(vocab_size: int = TOKENIZER_VOCAB, **overrides: Any) -> dict[str, Any]:
     """The demo's compact student: >= 20x fewer parameters than `teacher_config()`."""
-    return {**_llama(64, 2, 4, 256, vocab_size), **overrides}
+    return {**_llama(48, 2, 4, 192, vocab_size), **overrides}
 
 
 def build_model(config: dict[str, Any], tok: Any, seed: int = 0) -> Any:
@@ -175,6 +181,90 @@ def encode_sft(tok: Any, rows: Sequence[dict], target: str = "cot",
         answer = texts[i] if texts is not None else target_text(row, target)
         a = tok(answer + END, add_special_tokens=False)["input_ids"]
         out.append((p + a, [-100] * len(p) + a))
+    return out
+
+
+def _drill_operand(rng: random.Random) -> int:
+    digits = rng.choice((1, 2, 2, 3, 3))
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def drill_equation(rng: random.Random) -> str:
+    """One random ``a op b = c.`` line over the operand ranges the word problems use."""
+    op = rng.choice("+-*/")
+    if op in "*/":
+        a, b = rng.randint(2, 12), rng.randint(2, 12) * (10 if rng.random() < 0.2 else 1)
+        if op == "/":
+            return f"{a * b} / {a} = {b}."
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        return f"{a} * {b} = {a * b}."
+    a, b = _drill_operand(rng), _drill_operand(rng)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+        return f"{a} - {b} = {a - b}."
+    while a + b > 999:
+        a, b = _drill_operand(rng), _drill_operand(rng)
+    return f"{a} + {b} = {a + b}."
+
+
+def _apply(rng: random.Random, x: int, y: int) -> tuple[str, int, int, int] | None:
+    """A random op on (x, y) (maybe swapped) that keeps the result in 0..999, or None."""
+    options = []
+    if x + y <= 999:
+        options.append(("+", x, y, x + y))
+    options.append(("-", max(x, y), min(x, y), max(x, y) - min(x, y)))
+    if x * y <= 999 and min(x, y) <= 12:
+        options.append(("*", x, y, x * y))
+    for a, b in ((x, y), (y, x)):
+        if 2 <= b <= 12 and a % b == 0:
+            options.append(("/", a, b, a // b))
+    return rng.choice(options) if options else None
+
+
+def binding_drill(rng: random.Random) -> str:
+    """A short symbolic chain: numbers bound to letters, then 2-4 steps that look them up.
+
+    ``b = 4, k = 12, q = 7.`` / ``d = b * k = 4 * 12 = 48.`` / ``w = d + q = 48 + 7 = 55.``
+    Looking a value up by name (and reusing the last result) is the in-context copying that
+    reading a word problem needs, without any word problem in the text.
+    """
+    names = rng.sample("abcdefghjkmnpqrstuvwxyz", 8)
+    n_given = rng.randint(2, 4)
+    values = {n: rng.choice((rng.randint(2, 12), _drill_operand(rng))) for n in names[:n_given]}
+    lines = [", ".join(f"{n} = {v}" for n, v in values.items()) + "."]
+    known = list(values)
+    for target in names[n_given : n_given + rng.randint(2, 4)]:
+        for _ in range(20):
+            x, y = rng.sample(known[-3:] if len(known) > 3 else known, 2)
+            step = _apply(rng, values[x], values[y])
+            if step is not None:
+                break
+        else:
+            break
+        op, a, b, c = step
+        na, nb = (x, y) if (values[x], values[y]) == (a, b) else (y, x)
+        lines.append(f"{target} = {na} {op} {nb} = {a} {op} {b} = {c}.")
+        values[target] = c
+        known.append(target)
+    return "\n".join(lines)
+
+
+def arithmetic_drills(tok: Any, n: int, seed: int = 0, per_sequence: int = 6,
+                      binding: float = 0.5) -> list[tuple[list[int], list[int]]]:
+    """Plain-text "pretraining" for a base model: equation drills and letter-binding chains.
+
+    No word problems and no chat turns: a model trained on these knows arithmetic and how to look
+    numbers up in context, not how to read or solve the task's questions.
+    """
+    rng = random.Random(f"drills|{seed}")
+    out = []
+    for _ in range(n):
+        if rng.random() < binding:
+            text = binding_drill(rng)
+        else:
+            text = "\n".join(drill_equation(rng) for _ in range(per_sequence))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out.append((ids, list(ids)))
     return out
 
 
@@ -275,47 +365,159 @@ def accuracy(model: Any, tok: Any, rows: Sequence[dict], batch_size: int = 128) 
         rows)
 
 
-# --- the shipped teacher --------------------------------------------------------------------------
+# --- the shipped models ---------------------------------------------------------------------------
 
-def train_demo_teacher(out_dir: str | Path, n_train: int = 20000, epochs: float = 1.0,
-                       lr: float = 1e-3, batch_size: int = 32, n_eval: int = 500, seed: int = 0,
+def _save(model: Any, tok: Any, out: Path, info: dict[str, Any]) -> None:
+    """Write model, tokenizer and training.json into `out` via a temp dir (never half-written)."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    keep = [f for f in ("README.md",) if (out / f).exists()]
+    for f in keep:
+        shutil.copy(out / f, tmp / f)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_base_student(out_dir: str | Path, n_sequences: int = 288_000, lr: float = 5e-3,
+                       batch_size: int = 32, seed: int = 0,
                        config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the teacher on gold solutions, save model + tokenizer (safetensors) to `out_dir`."""
+    """Pretrain the demo's *base* student on plain arithmetic drills (never on word problems).
+
+    It plays the part a small pretrained LM plays in a real recipe: it can add and look numbers
+    up, but it has never seen the task's questions or its chat format, so it scores 0% on the
+    task until it is distilled (the demo's `base_student_accuracy`).
+    """
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    tok = build_tokenizer(None, seed=seed)
+    cfg = config or student_config(len(tok))
+    model = build_model(cfg, tok, seed=seed)
+    stats = train_causal_lm(model, arithmetic_drills(tok, n_sequences, seed=seed), epochs=1.0,
+                            lr=lr, batch_size=batch_size, seed=seed, pad_id=tok.pad_token_id,
+                            log_every=500)
+    info = {"params": count_params(model), "config": cfg, "data": "arithmetic drills",
+            "n_sequences": n_sequences, "lr": lr, "batch_size": batch_size, "seed": seed,
+            "train": stats, "wall_s": round(time.perf_counter() - t0, 1)}
+    _save(model, tok, out, info)
+    return info
+
+
+def train_demo_teacher(out_dir: str | Path, n_train: int = 40_000, steps: int = 4000,
+                       drill_frac: float = 0.3, lr: float = 1.5e-3, batch_size: int = 32,
+                       n_dev: int = 200, eval_every: int = 500, seed: int = 0,
+                       config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the teacher from scratch on gold chains of thought (plus arithmetic drills).
+
+    Dev accuracy (a slice of the *train* split, never the test split) is measured every
+    `eval_every` steps, and the model is saved to `out_dir` each time, so a long run that is
+    stopped still leaves its latest checkpoint.
+    """
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tok = build_tokenizer(out, seed=seed)
+    tok = build_tokenizer(None, seed=seed)
     cfg = config or teacher_config(len(tok))
     model = build_model(cfg, tok, seed=seed)
-    rows = make_task("arithmetic", "train", n_train, seed)
-    stats = train_causal_lm(model, encode_sft(tok, rows, "cot"), epochs=epochs, lr=lr,
-                            batch_size=batch_size, seed=seed, pad_id=tok.pad_token_id)
-    test = make_task("arithmetic", "test", n_eval, seed)
-    acc = accuracy(model, tok, test)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
-    info = {"params": count_params(model), "config": cfg, "n_train": n_train, "epochs": epochs,
-            "lr": lr, "batch_size": batch_size, "seed": seed, "train": stats,
-            "test_accuracy": acc, "n_test": n_eval, "wall_s": round(time.perf_counter() - t0, 1)}
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    rows = make_task("arithmetic", "train", n_train + n_dev, seed)
+    train, dev = rows[:n_train], rows[n_train:]
+    examples = encode_sft(tok, train, "cot")
+    examples += arithmetic_drills(tok, int(drill_frac * len(examples)), seed=seed)
+    curve: list[tuple[int, float, float]] = []
+    info: dict[str, Any] = {"params": count_params(model), "config": cfg, "n_train": n_train,
+                            "drill_frac": drill_frac, "steps": steps, "lr": lr,
+                            "batch_size": batch_size, "seed": seed, "dev_curve": curve}
+
+    def checkpoint(step: int) -> None:
+        acc = accuracy(model, tok, dev)
+        curve.append((step, round(acc, 4), round(time.perf_counter() - t0, 1)))
+        print(f"  dev accuracy @ {step}: {acc:.3f}", flush=True)
+        _save(model, tok, out, {**info, "checkpoint_step": step})
+
+    stats = train_causal_lm(model, examples, epochs=steps * batch_size / len(examples), lr=lr,
+                            batch_size=batch_size, seed=seed, pad_id=tok.pad_token_id,
+                            log_every=eval_every, callback=checkpoint)
+    info["train"] = stats
+    info["dev_accuracy_fp32"] = accuracy(model, tok, dev)
+    # Shipped in bfloat16 (half the bytes); the dev figure is of the rounded weights, computed in
+    # float32 as the demo computes.
+    model.to(torch.bfloat16).to(torch.float32)
+    info["dev_accuracy"] = accuracy(model, tok, dev)
+    info["wall_s"] = round(time.perf_counter() - t0, 1)
+    info["threads"] = torch.get_num_threads()
+    _save(model.to(torch.bfloat16), tok, out, info)
     return info
+
+
+MODELS_FILE = "pipelines/models/demo.yaml"
+
+
+def _recipe(path: str | None, which: str) -> dict[str, Any]:
+    """The `which` section of the models recipe file (teacher / base_student), or {}."""
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"{path}: file not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    section = data.get(which.replace("-", "_"), {})
+    known = {"out", "config", "n_train", "steps", "drill_frac", "n_sequences", "lr",
+             "batch_size", "eval_every", "threads", "seed"}
+    unknown = set(section) - known
+    if unknown:
+        raise SystemExit(f"{path}: {which.replace('-', '_')}.{sorted(unknown)[0]}: unknown key; "
+                         f"expected one of {', '.join(sorted(known))}")
+    return section
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="data/models/demo-teacher")
-    ap.add_argument("--n-train", type=int, default=20000)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("which", choices=["teacher", "base-student"])
+    ap.add_argument("--config", default=MODELS_FILE if Path(MODELS_FILE).exists() else None,
+                    help="recipe file; its values are the defaults the flags override")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", type=int, default=4000, help="teacher: optimizer steps")
+    ap.add_argument("--n-train", type=int, default=40_000, help="teacher: CoT problems")
+    ap.add_argument("--drill-frac", type=float, default=0.3)
+    ap.add_argument("--n-sequences", type=int, default=288_000, help="base student: drills")
+    ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--n-eval", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--seed", type=int, default=0)
+    pre, _ = ap.parse_known_args(argv)
+    recipe = _recipe(pre.config, pre.which)
+    model_config = recipe.pop("config", None)
+    ap.set_defaults(**recipe)
     args = ap.parse_args(argv)
-    info = train_demo_teacher(args.out, n_train=args.n_train, epochs=args.epochs, lr=args.lr,
-                              batch_size=args.batch_size, n_eval=args.n_eval, seed=args.seed)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vocab = TOKENIZER_VOCAB
+    if args.which == "teacher":
+        cfg = teacher_config(vocab, **(model_config or {}))
+        info = train_demo_teacher(args.out or "data/models/demo-teacher", n_train=args.n_train,
+                                  steps=args.steps, drill_frac=args.drill_frac,
+                                  lr=args.lr or 1.5e-3, batch_size=args.batch_size,
+                                  eval_every=args.eval_every, seed=args.seed, config=cfg)
+    else:
+        cfg = student_config(vocab, **(model_config or {}))
+        info = train_base_student(args.out or "data/models/demo-student-base",
+                                  n_sequences=args.n_sequences, lr=args.lr or 5e-3,
+                                  batch_size=args.batch_size, seed=args.seed, config=cfg)
     print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
 
 

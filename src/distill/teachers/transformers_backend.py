@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -93,9 +94,11 @@ class TransformersTeacher:
         texts = [render_chat(tok, job.messages) for job, _ in batch]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(model.device) for k, v in enc.items()}
-        # Seed from the batch's first (key, sample): reruns of the same batch give the same text.
+        # Seed from the batch's first (key, sample): reruns of the same batch give the same text
+        # (crc32, not hash(): str hashes change from one process to the next).
         first_job, first_sample = batch[0]
-        torch.manual_seed(params.seed * 1_000_003 + hash((first_job.key, first_sample)) % 1_000_003)
+        key_hash = zlib.crc32(f"{first_job.key}|{first_sample}".encode()) % 1_000_003
+        torch.manual_seed(params.seed * 1_000_003 + key_hash)
         sample = params.temperature > 0
         t0 = time.perf_counter()
         with torch.inference_mode():
