@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -52,7 +53,9 @@ def test_dev_accuracy_scores_a_model_like_the_evaluate_stage(micro_pipeline: Pat
     items = [{"id": s["id"], "question": s["question"], "answer": s["answer"]}
              for s in MICRO_SEEDS]
     # The tiny teacher memorized these questions; with wrong golds nothing may count.
+    rng = torch.get_rng_state()
     assert dev_accuracy(model, tok, cfg, items) >= 0.8
+    assert torch.equal(rng, torch.get_rng_state())  # scoring must not reseed the training RNG
     wrong = [it | {"answer": "999"} for it in items]
     assert dev_accuracy(model, tok, cfg, wrong) == 0.0
     assert tok.padding_side == AutoTokenizer.from_pretrained(tiny_teacher).padding_side

@@ -62,6 +62,11 @@ def dev_accuracy(model: Any, tok: Any, cfg: PipelineConfig, items: list[dict[str
                 params=params, samples=[0]) for it in items]
     tcfg = TeacherConfig(backend="transformers", model="dev", batch_size=d.batch_size)
     teacher = TransformersTeacher(tcfg, model=model, tokenizer=tok)
+    import torch
+
+    # The backend seeds torch's global RNG per batch; the Trainer's shuffling draws from that
+    # RNG too, so scoring must leave it as it found it (a dev curve must not change training).
+    rng_state = torch.get_rng_state()
     was_training, side = model.training, tok.padding_side
     model.eval()
     tok.padding_side = "left"  # batched generation continues every row from its last token
@@ -77,6 +82,7 @@ def dev_accuracy(model: Any, tok: Any, cfg: PipelineConfig, items: list[dict[str
     finally:
         tok.padding_side = side
         model.train(was_training)
+        torch.set_rng_state(rng_state)
     return hits / len(items)
 
 

@@ -489,6 +489,7 @@ def training_kwargs(cfg: PipelineConfig, output_dir: str) -> dict[str, Any]:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         logging_steps=t.logging_steps, save_strategy="no", report_to="none",
         seed=t.seed if t.seed is not None else cfg.seed, bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
         remove_unused_columns=False,
     )

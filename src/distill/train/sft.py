@@ -53,6 +53,7 @@ def sft_args(cfg: PipelineConfig, output_dir: str) -> Any:
         report_to="none",
         seed=t.seed if t.seed is not None else cfg.seed,
         bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
