@@ -1,4 +1,4 @@
-"""The offline demo's shipped models and the recipe that trains them (pipelines/models/demo.yaml)."""
+"""The offline demo's shipped models and their recipe (pipelines/models/demo.yaml)."""
 
 from __future__ import annotations
 

@@ -79,6 +79,8 @@ def test_train_stage_records_curves_and_matches_label_only_steps(micro_pipeline:
     assert label_only["steps"] == student["steps"]
     assert train["dev_target"] == student["dev_curve"][-1][1]
     assert train["steps_to_dev_target"]["student"] <= student["steps"]
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert metrics["steps_to_dev_target"] == train["steps_to_dev_target"]
     report = (run_dir / "report.md").read_text()
     assert "Learning curves" in report and (run_dir / "learning_curves.png").exists()
 

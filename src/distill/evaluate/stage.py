@@ -107,8 +107,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     record("base_student", summary, preds, params=count_params(base), bytes=None)
     del base
 
-    trained = (run_dir.manifest()["stages"].get("train") or {}).get("students") or {
-        "student": {"dir": "student"}}
+    train_entry = run_dir.manifest()["stages"].get("train") or {}
+    trained = train_entry.get("students") or {"student": {"dir": "student"}}
     for name, info in trained.items():
         mdir = run_dir.root / info["dir"]
         if not (mdir / "config.json").exists():
@@ -118,6 +118,11 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
                train_s=info.get("train_s"), steps=info.get("steps"))
 
     metrics = flat_metrics(models, len(items))
+    # Learning-curve summary (dev set, see train.dev): steps each student took to reach the CoT
+    # student's final dev accuracy.
+    for key in ("dev_target", "steps_to_dev_target"):
+        if key in train_entry:
+            metrics[key] = train_entry[key]
     out = run_dir.stage("evaluate")
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "predictions.jsonl", all_preds)
