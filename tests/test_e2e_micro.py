@@ -45,3 +45,11 @@ def test_micro_pipeline_end_to_end(micro_pipeline: Path, tmp_path: Path) -> None
     assert res.exit_code == 0, res.output
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["train"][
         "finished"] == manifest["stages"]["train"]["finished"]
+
+    # Evaluate again: the teacher's answers now all come from the cache and the model is never
+    # loaded; its parameter count must still be reported (read from the safetensors headers).
+    res = runner.invoke(app, ["evaluate", str(micro_pipeline), "--run-dir", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    again = json.loads((run_dir / "evaluate/metrics.json").read_text())
+    assert again["teacher_params"] == metrics["teacher_params"]
+    assert again["compression_ratio"] == metrics["compression_ratio"]

@@ -24,6 +24,25 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.exists() else 0
 
 
+def dir_params(path: Path) -> int | None:
+    """Parameters in a model directory, read from the safetensors headers (no weights loaded;
+    tied embeddings are stored once, as `count_params` counts them)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                n = 1
+                for d in fh.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
 def eval_jobs(cfg: PipelineConfig, items: list[dict[str, Any]], temperature: float = 0.0
               ) -> list[Job]:
     assert cfg.evaluate is not None
@@ -95,7 +114,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         cache.close()
         params, nbytes = None, None
         if cfg.teacher.backend == "transformers":
-            params = count_params(teacher.model) if teacher.model is not None else None
+            # Every answer may have come from the cache, with the model never loaded.
+            params = (count_params(teacher.model) if teacher.model is not None
+                      else dir_params(cfg.resolve(cfg.teacher.model)))
             nbytes = dir_bytes(cfg.resolve(cfg.teacher.model))
         record("teacher", summary, preds, params=params, bytes=nbytes)
 

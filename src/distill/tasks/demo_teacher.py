@@ -295,6 +295,12 @@ def train_causal_lm(model: Any, examples: Sequence[tuple[list[int], list[int]]],
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    from distill.teachers.engine import make_progress
+
+    progress = make_progress()
+    bar = progress.add_task("train", total=total, info="")
+    if log:
+        progress.start()
     model.train()
     order: list[int] = []
     t0, cpu0, step, running = time.perf_counter(), time.process_time(), 0, 0.0
@@ -321,12 +327,14 @@ def train_causal_lm(model: Any, examples: Sequence[tuple[list[int], list[int]]],
         opt.zero_grad(set_to_none=True)
         step += 1
         running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()
+        progress.update(bar, completed=step, info=f"loss {running:.4f}")
         if log and (step % log_every == 0 or step == total):
-            print(f"  step {step}/{total} loss {running:.4f} "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+            progress.console.print(f"  step {step}/{total} loss {running:.4f} "
+                                   f"{time.perf_counter() - t0:.0f}s")
         if callback is not None and step % log_every == 0:
             callback(step)
             model.train()
+    progress.stop()
     model.eval()
     # cpu_s / threads approximates wall time on an otherwise idle machine.
     return {"steps": total, "wall_s": round(time.perf_counter() - t0, 1),
