@@ -105,4 +105,4 @@ def test_recipe_file_unknown_key_is_an_error(tmp_path: Path) -> None:
     bad = tmp_path / "m.yaml"
     bad.write_text("teacher:\n  stepz: 3\n")
     with pytest.raises(SystemExit, match=r"teacher\.stepz: unknown key"):
-        _recipe(str(bad), "teacher")
+        _recipe(str(bad), "teacher", {"steps", "config"})

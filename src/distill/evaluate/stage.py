@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,8 @@ def dir_params(path: Path) -> int | None:
     total = 0
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                n = 1
-                for d in fh.get_slice(key).get_shape():
-                    n *= d
-                total += n
+            total += sum(math.prod(fh.get_slice(k).get_shape())
+                         for k in fh.keys())  # noqa: SIM118 - safe_open has no __iter__
     return total
 
 

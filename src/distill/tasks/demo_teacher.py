@@ -376,24 +376,18 @@ def accuracy(model: Any, tok: Any, rows: Sequence[dict], batch_size: int = 128) 
 # --- the shipped models ---------------------------------------------------------------------------
 
 def _save(model: Any, tok: Any, out: Path, info: dict[str, Any]) -> None:
-    """Write model, tokenizer and training.json into `out` via a temp dir (never half-written)."""
+    """Write model, tokenizer and training.json into `out` in one rename (never half-written);
+    a model card already there is kept."""
     import shutil
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    keep = [f for f in ("README.md",) if (out / f).exists()]
-    for f in keep:
-        shutil.copy(out / f, tmp / f)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    from distill.records import atomic_path
+
+    with atomic_path(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        if (out / "README.md").exists():
+            shutil.copy(out / "README.md", tmp / "README.md")
 
 
 def train_base_student(out_dir: str | Path, n_sequences: int = 288_000, lr: float = 5e-3,
@@ -470,8 +464,11 @@ def train_demo_teacher(out_dir: str | Path, n_train: int = 40_000, steps: int = 
 MODELS_FILE = "pipelines/models/demo.yaml"
 
 
-def _recipe(path: str | None, which: str) -> dict[str, Any]:
-    """The `which` section of the models recipe file (teacher / base_student), or {}."""
+def _recipe(path: str | None, which: str, known: set[str]) -> dict[str, Any]:
+    """The `which` section of the models recipe file (teacher / base_student), or {}.
+
+    `known`: the keys a section may hold (the command's options, plus `config`, the model's
+    transformers config overrides)."""
     if not path:
         return {}
     import yaml
@@ -480,12 +477,11 @@ def _recipe(path: str | None, which: str) -> dict[str, Any]:
     if not p.exists():
         raise SystemExit(f"{path}: file not found")
     data = yaml.safe_load(p.read_text()) or {}
-    section = data.get(which.replace("-", "_"), {})
-    known = {"out", "config", "n_train", "steps", "drill_frac", "n_sequences", "lr",
-             "batch_size", "eval_every", "threads", "seed"}
+    name = which.replace("-", "_")
+    section = data.get(name, {})
     unknown = set(section) - known
     if unknown:
-        raise SystemExit(f"{path}: {which.replace('-', '_')}.{sorted(unknown)[0]}: unknown key; "
+        raise SystemExit(f"{path}: {name}.{sorted(unknown)[0]}: unknown key; "
                          f"expected one of {', '.join(sorted(known))}")
     return section
 
@@ -506,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--seed", type=int, default=0)
     pre, _ = ap.parse_known_args(argv)
-    recipe = _recipe(pre.config, pre.which)
+    known = (set(vars(pre)) - {"which"}) | {"config"}
+    recipe = _recipe(pre.config, pre.which, known)
     model_config = recipe.pop("config", None)
     ap.set_defaults(**recipe)
     args = ap.parse_args(argv)
