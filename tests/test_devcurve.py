@@ -98,3 +98,28 @@ def test_steps_to_reach() -> None:
     assert steps_to_reach(curve, 0.8) == 20
     assert steps_to_reach(curve, 0.4) == 10
     assert steps_to_reach(curve, 0.9) is None
+
+
+def test_dev_problems_sharing_arithmetic_with_the_training_set_are_dropped() -> None:
+    """Same template and numbers, other names and items: the test split never shares that with
+    the train split, so a dev set must not either (it would measure recall)."""
+    from distill.config import PipelineConfig
+    from distill.tasks import make_task
+    from distill.train.devcurve import load_dev_items
+
+    cfg = PipelineConfig.model_validate({
+        "name": "devshare",
+        "seeds": {"task": {"name": "arithmetic", "split": "train", "n": 2000, "seed": 0}},
+        "train": {"student": "s", "dev": {"task": {"name": "arithmetic", "split": "train",
+                                                   "n": 400, "seed": 1}, "limit": 400}},
+    })
+    train = make_task("arithmetic", "train", 2000, 0)
+    train_canon = {r["canonical"] for r in train}
+    dev = make_task("arithmetic", "train", 400, 1)
+    shared = [r for r in dev if r["canonical"] in train_canon]
+    assert len(shared) > 10  # reworded repeats are common in this task
+    items = load_dev_items(cfg, {r["question"] for r in train})
+    assert len(items) == 400 - len(shared)
+    assert not {r["canonical"] for r in items} & train_canon
+    # Only problems actually trained on count: with no training rows nothing is dropped.
+    assert len(load_dev_items(cfg, set())) == 400

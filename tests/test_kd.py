@@ -357,3 +357,53 @@ def test_teacher_logits_hidden_states_and_gkd_train_and_save(
         model = AutoModelForCausalLM.from_pretrained(run_dir.root / d)
         assert sum(p.numel() for p in model.parameters()) == kd["params"]
         assert "soft targets" in (run_dir.root / d / "README.md").read_text()
+
+
+def test_static_kv_cache_samples_the_same_tokens_and_soft_targets(kd_project: Path) -> None:
+    from distill.generate.cot import build_jobs
+    from distill.teachers.transformers_backend import TransformersTeacher
+
+    cfg = load_config(kd_project)
+    jobs = build_jobs(cfg, MICRO_SEEDS[:4], samples=1)
+    outs = {}
+    for cache in ("dynamic", "static"):
+        teacher = TransformersTeacher(cfg.teacher.model_copy(update={"kv_cache": cache}))
+        teacher._ensure_loaded()
+        outs[cache] = teacher._generate([(j, 0) for j in jobs], jobs[0].params)
+    for a, b in zip(outs["dynamic"], outs["static"], strict=True):
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert a.top_logprobs is not None and len(a.top_logprobs) == len(a.token_ids)
+        for sa, sb in zip(a.top_logprobs, b.top_logprobs, strict=True):
+            assert [i for i, _ in sa] == [i for i, _ in sb]
+            assert [lp for _, lp in sa] == pytest.approx([lp for _, lp in sb], abs=1e-3)
+
+
+def test_bucketed_batches_cover_every_example_with_less_padding_in_random_order() -> None:
+    import random
+
+    import torch
+
+    from distill.train.sampler import BucketedBatchOrder
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 160) for _ in range(2000)]
+    torch.manual_seed(0)
+    sampler = BucketedBatchOrder(lengths, 32)
+    order = list(sampler)
+    assert sorted(order) == list(range(2000))
+    batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+    assert all(len(b) == 32 for b in batches[:-1])
+
+    def padding(bs: list[list[int]]) -> int:
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in bs)
+
+    shuffled = list(range(2000))
+    rng.shuffle(shuffled)
+    assert padding(batches) < 0.2 * padding([shuffled[i : i + 32] for i in range(0, 2000, 32)])
+    # The batches do not sweep long -> short: batch means are uncorrelated with their position.
+    means = torch.tensor([sum(lengths[j] for j in b) / len(b) for b in batches[:-1]])
+    pos = torch.arange(len(means), dtype=torch.float)
+    assert abs(torch.corrcoef(torch.stack([means, pos]))[0, 1]) < 0.3
+    # Each epoch draws a new order; the same seed draws the same one.
+    torch.manual_seed(0)
+    assert list(sampler) == order and list(sampler) != order

@@ -24,7 +24,7 @@ def test_demo_dry_run(tmp_path: Path) -> None:
                                    "--run-dir", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "Let's think step by step." in res.output
-    assert "4,000" in res.output  # 2,000 seeds x 2 samples
+    assert "5,000" in res.output and "20,000" in res.output  # 5,000 seeds x at most 4 samples
     cfg = load_config(ROOT / "pipelines" / "demo.yaml")
     assert Path(cfg.teacher.model, "model.safetensors").exists()
     assert Path(cfg.resolve(cfg.train.student), "model.safetensors").exists()

@@ -77,6 +77,10 @@ class TeacherConfig(Strict):
     """Prompts per forward batch for local backends."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
+    """transformers backend: `static` preallocates each batch's KV cache (prompt + max_tokens)
+    instead of growing it by concatenation every step; same tokens, less copying. The demo's
+    2.5M teacher generates ~10-17% faster with it on CPU."""
     trust_remote_code: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
@@ -399,6 +403,9 @@ class TrainConfig(Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=8)
     packing: bool = False
+    group_by_length: bool = False
+    """Batch rows of similar length together (buckets cut from sorted mega-batches of 50
+    batches, then served in random order; `distill.train.sampler`): less padding per step."""
     label_only_baseline: bool = False
     """Also train a same-size student on question -> answer only (the ablation), for as many
     optimizer steps as the main student took (unless `max_steps` fixes them for both)."""

@@ -334,5 +334,6 @@ def make_arithmetic(split: str = "train", n: int = 100, seed: int = 0) -> list[d
             "source": SOURCE,
             "steps": len(problem.steps),
             "template": problem.template,
+            "canonical": problem.key,
         })
     return rows

@@ -113,11 +113,14 @@ class TransformersTeacher:
                 eos_token_id=tok.eos_token_id,
                 return_dict_in_generate=True,
                 output_logits=params.top_logprobs > 0,
+                cache_implementation=None if self.cfg.kv_cache == "dynamic" else "static",
             )
         latency = (time.perf_counter() - t0) / len(batch)
         prompt_len = enc["input_ids"].shape[1]
         gen = out.sequences[:, prompt_len:]
         eos_ids = set(_as_list(tok.eos_token_id)) | {tok.pad_token_id}
+        if params.top_logprobs > 0:
+            top_ids, top_vals = _topk(out.logits, params.top_logprobs)
         comps = []
         for i in range(len(batch)):
             ids = gen[i].tolist()
@@ -136,7 +139,7 @@ class TransformersTeacher:
                 token_ids=kept,
             )
             if params.top_logprobs > 0:
-                comp.top_logprobs = _topk(out.logits, i, n, params.top_logprobs)
+                comp.top_logprobs = _row_topk(top_ids[i], top_vals[i], n)
             comps.append(comp)
         return comps
 
@@ -150,13 +153,17 @@ def _as_list(x: Any) -> list[int]:
     return list(x) if isinstance(x, list | tuple) else [x]
 
 
-def _topk(logits: tuple[Any, ...], row: int, n: int, k: int) -> list[list[tuple[int, float]]]:
-    """Top-k (token id, logprob) of the teacher's *raw* distribution at each generated step."""
+def _topk(logits: tuple[Any, ...], k: int) -> tuple[list[Any], list[Any]]:
+    """Top-k token ids and logprobs of the teacher's *raw* distribution at every generated step
+    of every row: `[rows][steps][k]` nested lists, from one batched log-softmax and top-k."""
     import torch
 
-    steps = []
-    for t in range(n):
-        lp = torch.log_softmax(logits[t][row].float(), dim=-1)
-        vals, idx = lp.topk(k)
-        steps.append([(int(i), round(float(v), 4)) for i, v in zip(idx, vals, strict=True)])
-    return steps
+    # One step at a time: a [B, V] log-softmax, not [B, T, V] (GBs for a 150k vocabulary).
+    tops = [torch.log_softmax(step.float(), dim=-1).topk(k, dim=-1) for step in logits]
+    vals = torch.stack([t.values for t in tops], dim=1)  # [B, T, k]
+    idx = torch.stack([t.indices for t in tops], dim=1)
+    return idx.tolist(), vals.tolist()
+
+
+def _row_topk(ids: list[Any], vals: list[Any], n: int) -> list[list[tuple[int, float]]]:
+    return [[(i, round(v, 4)) for i, v in zip(ids[t], vals[t], strict=True)] for t in range(n)]

@@ -3,7 +3,8 @@
 The curve answers "how many optimizer steps does this student need to reach accuracy X", which
 compares training methods (SFT vs soft-target KD) at equal data. The dev set is never the held-out
 evaluation set (an overlap is a config error), and dev questions that are in the training set
-are dropped so the curve measures generalization, not recall.
+are dropped so the curve measures generalization, not recall: the same question, and for task
+seeds the same arithmetic reworded (`shared_problems`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def load_dev_items(cfg: PipelineConfig, train_questions: set[str]) -> list[dict[
     d = cfg.train.dev
     assert d is not None
     if d.task is not None:
-        rows = normalize(task_rows(d.task), question_field="question", answer_field="answer",
+        raw = task_rows(d.task)
+        rows = normalize(raw, question_field="question", answer_field="answer",
                          id_field="id", source=d.task.name, where="train.dev.task")
+        for r, src in zip(rows, raw, strict=True):
+            r["canonical"] = src.get("canonical")
     else:
         path = cfg.resolve(d.dataset or "")
         rows = normalize(read_rows(path, "train.dev.dataset"), question_field=d.question_field,
@@ -42,10 +46,26 @@ def load_dev_items(cfg: PipelineConfig, train_questions: set[str]) -> list[dict[
                               f"(e.g. {clash[0]['question'][:60]!r}); a dev set must not be "
                               "the held-out set")
     rows = [r for r in rows if r["question"] not in train_questions and r.get("answer")]
+    shared = shared_problems(cfg, train_questions)
+    rows = [r for r in rows if r.get("canonical") not in shared]
     if not rows:
         raise ConfigError("train.dev: no dev item left (every one is in the training set or "
                           "has no answer)")
     return rows[: d.limit]
+
+
+def shared_problems(cfg: PipelineConfig, train_questions: set[str]) -> set[str]:
+    """Canonical forms (task rows' `canonical`: the arithmetic without names and item words) of
+    the training problems, when the seeds come from a task. A dev problem with the same
+    arithmetic as a training one, only reworded, would measure recall; the task's test split
+    never shares arithmetic with its train split, so a dev set that does would read optimistic.
+    """
+    from distill.seeds import task_rows
+
+    if cfg.seeds.task is None:
+        return set()
+    return {r["canonical"] for r in task_rows(cfg.seeds.task)
+            if r.get("canonical") and r["question"] in train_questions}
 
 
 def dev_accuracy(model: Any, tok: Any, cfg: PipelineConfig, items: list[dict[str, Any]]) -> float:

@@ -39,7 +39,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +195,13 @@ class KDExample:
     input_ids: list[int]
     """Student prompt (its chat template) + the completion tokens."""
     prompt_len: int
-    topk_ids: list[list[int]] = field(default_factory=list)
-    """Per completion position (the first len(topk_ids) of them): the teacher's top-k ids."""
-    topk_logprobs: list[list[float]] = field(default_factory=list)
+    topk_ids: Any = None
+    """`[n, k]` long tensor: the teacher's top-k ids at the first n completion positions (built
+    once here, so the collator copies slices instead of making thousands of tiny tensors)."""
+    topk_logprobs: Any = None
+    """`[n, k]` float: their log-probabilities (NEG where a position reported fewer than k)."""
+    topk_valid: Any = None
+    """`[n, k]` bool: which of the k slots hold a reported token."""
     teacher_input_ids: list[int] | None = None
     """Teacher prompt (its own rendering) + the same completion tokens, for a local teacher."""
     teacher_prompt_len: int = 0
@@ -205,6 +209,26 @@ class KDExample:
     @property
     def completion(self) -> list[int]:
         return self.input_ids[self.prompt_len:]
+
+    @property
+    def k(self) -> int:
+        return 0 if self.topk_ids is None else int(self.topk_ids.shape[1])
+
+
+def topk_tensors(steps: list[list[tuple[int, float]]]) -> tuple[Any, Any, Any]:
+    """Per-position (id, logprob) lists → padded `[n, k]` ids, log-probs and validity."""
+    import torch
+
+    n, k = len(steps), max((len(s) for s in steps), default=0)
+    ids = torch.zeros((n, k), dtype=torch.long)
+    lps = torch.full((n, k), NEG)
+    valid = torch.zeros((n, k), dtype=torch.bool)
+    for j, s in enumerate(steps):
+        if s:
+            ids[j, : len(s)] = torch.tensor([i for i, _ in s])
+            lps[j, : len(s)] = torch.tensor([lp for _, lp in s])
+            valid[j, : len(s)] = True
+    return ids, lps, valid
 
 
 def _encode(tok: Any, text: str) -> list[int]:
@@ -277,9 +301,9 @@ def kd_examples(rows: list[dict[str, Any]], tok: Any, *, max_length: int,
         if len(completion) > room:
             stats["rows_truncated"] += 1
             completion, steps = completion[:room], steps[:room]
-        ex = KDExample(input_ids=prompt + completion, prompt_len=len(prompt),
-                       topk_ids=[[i for i, _ in s] for s in steps],
-                       topk_logprobs=[[lp for _, lp in s] for s in steps])
+        ex = KDExample(input_ids=prompt + completion, prompt_len=len(prompt))
+        if steps:
+            ex.topk_ids, ex.topk_logprobs, ex.topk_valid = topk_tensors(steps)
         if teacher_tok is not None:
             tprompt = _encode(teacher_tok, render_chat(teacher_tok, _prompt_messages(r)))
             ex.teacher_input_ids, ex.teacher_prompt_len = tprompt + completion, len(tprompt)
@@ -301,7 +325,7 @@ class KDCollator:
         bsz = len(batch)
         seq = max(len(e.input_ids) for e in batch)
         comp = max(len(e.completion) for e in batch)
-        k = max((len(s) for e in batch for s in e.topk_ids), default=0)
+        k = max(e.k for e in batch)
         out: dict[str, Any] = {
             "input_ids": torch.full((bsz, seq), self.pad_id, dtype=torch.long),
             "attention_mask": torch.zeros((bsz, seq), dtype=torch.long),
@@ -334,12 +358,12 @@ class KDCollator:
                 out["teacher_pos"][b, :c] = torch.arange(tp - 1, tp - 1 + c)
                 if not k:  # full teacher logits: every completion position has a target
                     out["soft_mask"][b, :c] = True
-            for j, (ids, lps) in enumerate(zip(e.topk_ids, e.topk_logprobs, strict=True)):
-                if ids:
-                    out["topk_ids"][b, j, : len(ids)] = torch.tensor(ids)
-                    out["topk_logprobs"][b, j, : len(ids)] = torch.tensor(lps)
-                    out["topk_valid"][b, j, : len(ids)] = True
-                    out["soft_mask"][b, j] = True
+            if e.k:
+                m, ke = e.topk_ids.shape
+                out["topk_ids"][b, :m, :ke] = e.topk_ids
+                out["topk_logprobs"][b, :m, :ke] = e.topk_logprobs
+                out["topk_valid"][b, :m, :ke] = e.topk_valid
+                out["soft_mask"][b, :m] = e.topk_valid.any(-1)
         return out
 
 
@@ -428,8 +452,9 @@ def make_kd_trainer_class() -> type:
 
         def __init__(self, *args: Any, kd: Any, teacher: Any = None, projections: Any = None,
                      layer_pairs: list[tuple[int, int]] | None = None, vocab: int,
-                     **kwargs: Any) -> None:
+                     group_by_length: bool = False, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self.group_by_length = group_by_length
             self.kd, self.teacher, self.vocab = kd, teacher, vocab
             self.projections, self.pairs = projections, layer_pairs or []
             self.beta = divergence_beta(kd.divergence, kd.beta)
@@ -473,6 +498,15 @@ def make_kd_trainer_class() -> type:
             self._record(ce=parts.ce, soft=parts.soft, hidden=h)
             return (loss, out) if return_outputs else loss
 
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if not self.group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            from distill.train.sampler import BucketedBatchOrder
+
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            return BucketedBatchOrder([len(e.input_ids) for e in data],
+                                      self.args.train_batch_size)
+
     return KDTrainer
 
 
@@ -489,7 +523,7 @@ def training_kwargs(cfg: PipelineConfig, output_dir: str) -> dict[str, Any]:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         logging_steps=t.logging_steps, save_strategy="no", report_to="none",
         seed=t.seed if t.seed is not None else cfg.seed, bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # the new name of gradient_checkpointing
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
         remove_unused_columns=False,
     )
@@ -654,6 +688,7 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
                                      else None),
             callbacks=[RichProgressCallback(label), *(callbacks or [])],
             kd=kd, teacher=teacher, projections=projections, layer_pairs=pairs, vocab=vocab,
+            group_by_length=cfg.train.group_by_length,
         )
         t0 = time.perf_counter()
         result = trainer.train()
@@ -664,7 +699,7 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
             "steps": trainer.state.global_step, "train_s": round(train_s, 2),
             "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
             "soft_targets": "stored top-k" if source == "stored" else "teacher logits",
-            "top_k": max((len(s) for e in examples for s in e.topk_ids), default=None),
+            "top_k": max((e.k for e in examples), default=0) or None,
             "rows_with_soft_targets": (stats["rows_with_soft_targets"] if source == "stored"
                                        else len(examples)),
             "rows_misaligned": stats["rows_misaligned"],

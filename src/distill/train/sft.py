@@ -53,11 +53,29 @@ def sft_args(cfg: PipelineConfig, output_dir: str) -> Any:
         report_to="none",
         seed=t.seed if t.seed is not None else cfg.seed,
         bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # the new name of gradient_checkpointing
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def sft_trainer_class(group_by_length: bool) -> Any:
+    """TRL's SFTTrainer, with `train.group_by_length` batches (`distill.train.sampler`)."""
+    from trl import SFTTrainer
+
+    if not group_by_length:
+        return SFTTrainer
+
+    class BucketedSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            from distill.train.sampler import BucketedBatchOrder
+
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            return BucketedBatchOrder([len(x) for x in data["input_ids"]],
+                                      self.args.train_batch_size)
+
+    return BucketedSFTTrainer
 
 
 def peft_config(cfg: PipelineConfig) -> Any:
@@ -77,8 +95,6 @@ def train_sft(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, *, label: st
     With LoRA, `out_dir/adapter/` holds the adapter and `out_dir/` the merged model, so every
     later stage loads a plain transformers model.
     """
-    from trl import SFTTrainer
-
     from distill.train.progress import RichProgressCallback
 
     tok = load_tokenizer(cfg)
@@ -87,7 +103,7 @@ def train_sft(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, *, label: st
     data = to_prompt_completion(dataset)
     work = Path(tempfile.mkdtemp(prefix="distill-train-"))
     try:
-        trainer = SFTTrainer(
+        trainer = sft_trainer_class(cfg.train.group_by_length)(
             model=model,
             args=sft_args(cfg, str(work)),
             train_dataset=data,
