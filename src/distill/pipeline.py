@@ -102,8 +102,8 @@ def run_stage(stage: str, cfg: PipelineConfig, run: RunDir, *, force: bool = Fal
     if stage == "export" and cfg.export is None:
         raise ConfigError("export: section missing from the pipeline file")
     console.print(f"[bold cyan]▶ {stage}[/bold cyan]")
-    run.update_manifest(stage, status="running", started=now(), input_fingerprint=fp,
-                        finished=None, error=None)
+    run.update_manifest(stage, fresh=True, status="running", started=now(),
+                        input_fingerprint=fp, finished=None, error=None)
     t0 = time.perf_counter()
     try:
         result = stage_function(stage)(cfg, run)

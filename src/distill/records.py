@@ -139,8 +139,13 @@ class RunDir:
             return json.loads(self.manifest_path.read_text())
         return {"stages": {}}
 
-    def update_manifest(self, stage: str, **fields: Any) -> dict[str, Any]:
+    def update_manifest(self, stage: str, *, fresh: bool = False, **fields: Any
+                        ) -> dict[str, Any]:
+        """Merge `fields` into the stage's entry; `fresh` starts the entry over (a rerun must
+        not keep the results of the previous run beside its own)."""
         m = self.manifest()
+        if fresh:
+            m["stages"][stage] = {}
         entry = m["stages"].setdefault(stage, {})
         entry.update(fields)
         write_json(self.manifest_path, m)

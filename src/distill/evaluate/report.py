@@ -11,6 +11,14 @@ from distill.records import RunDir, atomic_path
 LABELS = {"teacher": "teacher", "base_student": "base student (before distillation)",
           "label_only": "label-only student", "student": "distilled student (CoT SFT)",
           "kd": "KD student (soft targets)", "gkd": "GKD student (on-policy)"}
+MAIN_STUDENT = {"sft": "distilled student (CoT SFT)",
+                "kd": "distilled student (KD: CoT + soft targets)",
+                "gkd": "distilled student (GKD, on-policy)"}
+
+
+def labels(method: str | None) -> dict[str, str]:
+    """Display names; the main student's says how it was trained (`train.method`)."""
+    return LABELS | {"student": MAIN_STUDENT.get(method or "sft", LABELS["student"])}
 
 
 def _load(path: Path) -> Any:
@@ -27,7 +35,7 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def plot_accuracy(models: dict[str, Any], path: Path) -> None:
+def plot_accuracy(models: dict[str, Any], path: Path, lab: dict[str, str] = LABELS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +48,7 @@ def plot_accuracy(models: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     colors = ["#555" if n == "teacher" else "#bbb" if n in ("base_student", "label_only")
               else "#2a7" for n in names]
-    ax.barh([LABELS.get(n, n) for n in names], acc, xerr=[lo, hi], color=colors, capsize=3)
+    ax.barh([lab.get(n, n) for n in names], acc, xerr=[lo, hi], color=colors, capsize=3)
     ax.set_xlabel("held-out accuracy (%), 95% bootstrap CI")
     ax.set_xlim(0, 100)
     ax.invert_yaxis()
@@ -71,7 +79,7 @@ def plot_funnel(funnel: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_dev_curves(students: dict[str, Any], path: Path) -> None:
+def plot_dev_curves(students: dict[str, Any], path: Path, lab: dict[str, str] = LABELS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +90,7 @@ def plot_dev_curves(students: dict[str, Any], path: Path) -> None:
         curve = info.get("dev_curve") or []
         if curve:
             ax.plot([c[0] for c in curve], [c[1] * 100 for c in curve], marker=".",
-                    label=LABELS.get(name, name))
+                    label=lab.get(name, name))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("dev accuracy (%)")
     ax.set_ylim(0, 100)
@@ -98,19 +106,20 @@ def learning_section(train: dict[str, Any], run: RunDir) -> list[str]:
     students = train.get("students") or {}
     if not any(s.get("dev_curve") for s in students.values()):
         return []
-    plot_dev_curves(students, run.root / "learning_curves.png")
+    lab = labels(train.get("method"))
+    plot_dev_curves(students, run.root / "learning_curves.png", lab)
     target = train.get("dev_target")
     reach = train.get("steps_to_dev_target") or {}
     lines = ["## Learning curves (development set, not the held-out set)", "",
              "![learning curves](learning_curves.png)", "",
              "| student | steps | train s | final dev accuracy | steps to reach "
-             + (f"{target * 100:.1f}% (the CoT student's final) |" if target is not None
-                else "the CoT student's final |"), "|---|---|---|---|---|"]
+             + (f"{target * 100:.1f}% (the main student's final) |" if target is not None
+                else "the main student's final |"), "|---|---|---|---|---|"]
     for name, s in students.items():
         curve = s.get("dev_curve") or []
         final = f"{curve[-1][1] * 100:.1f}%" if curve else "-"
         got = reach.get(name)
-        lines.append(f"| {LABELS.get(name, name)} | {s.get('steps', '-')} | "
+        lines.append(f"| {lab.get(name, name)} | {s.get('steps', '-')} | "
                      f"{s.get('train_s', '-')} | {final} | {'never' if got is None else got} |")
     return [*lines, ""]
 
@@ -144,7 +153,8 @@ def write_report(run: RunDir) -> Path:
     metrics = _load(run.stage("evaluate") / "metrics.json")
     if metrics:
         models = metrics["models"]
-        plot_accuracy(models, run.root / "accuracy.png")
+        lab = labels((stages.get("train") or {}).get("method"))
+        plot_accuracy(models, run.root / "accuracy.png", lab)
         lines += ["## Reasoning transfer", "", f"Held-out items: {metrics['n_eval']}.", "",
                   "![accuracy](accuracy.png)", "",
                   "| model | accuracy | 95% CI | params | weights on disk | latency / answer |"
@@ -153,14 +163,14 @@ def write_report(run: RunDir) -> Path:
             params = f"{mm['params']:,}" if mm.get("params") else "-"
             lat = f"{mm['latency_per_answer_s'] * 1000:.1f} ms" if mm.get(
                 "latency_per_answer_s") else "-"
-            lines.append(f"| {LABELS.get(n, n)} | {mm['accuracy'] * 100:.1f}% | "
+            lines.append(f"| {lab.get(n, n)} | {mm['accuracy'] * 100:.1f}% | "
                          f"[{mm['ci'][0] * 100:.1f}, {mm['ci'][1] * 100:.1f}] | {params} | "
                          f"{_fmt_bytes(mm.get('bytes'))} | {lat} | {mm.get('train_s') or '-'} |")
         lines.append("")
         for key, label in (("student_to_teacher_ratio", "student / teacher accuracy"),
                            ("gap_closed", "gap closed (student − base) / (teacher − base)"),
                            ("compression_ratio", "teacher / student parameters"),
-                           ("cot_minus_label_only", "CoT student − label-only student")):
+                           ("cot_minus_label_only", "distilled student − label-only student")):
             if metrics.get(key) is not None:
                 lines.append(f"- {label}: **{metrics[key]}**")
         lines.append("")

@@ -123,7 +123,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     base = build_student(cfg, tok)
     summary, preds = score_model("base_student", local(Path("base"), e.batch_size, base, tok),
                                  cfg, items, None)
-    record("base_student", summary, preds, params=count_params(base), bytes=None)
+    base_dir = cfg.resolve(cfg.train.student) if cfg.train.student else None
+    record("base_student", summary, preds, params=count_params(base),
+           bytes=dir_bytes(base_dir) if base_dir is not None and base_dir.is_dir() else None)
     del base
 
     train_entry = run_dir.manifest()["stages"].get("train") or {}
