@@ -445,16 +445,17 @@ def make_kd_trainer_class() -> type:
     import torch
     from transformers import Trainer
 
-    class KDTrainer(LossPartsLogging, ProjectionsInOptimizer, Trainer):
+    from distill.train.sampler import BucketedSampling
+
+    class KDTrainer(LossPartsLogging, ProjectionsInOptimizer, BucketedSampling, Trainer):
         """transformers' Trainer (schedule, accumulation, logging, devices) with the KD loss."""
 
         loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by accumulation
 
         def __init__(self, *args: Any, kd: Any, teacher: Any = None, projections: Any = None,
                      layer_pairs: list[tuple[int, int]] | None = None, vocab: int,
-                     group_by_length: bool = False, **kwargs: Any) -> None:
+                     **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.group_by_length = group_by_length
             self.kd, self.teacher, self.vocab = kd, teacher, vocab
             self.projections, self.pairs = projections, layer_pairs or []
             self.beta = divergence_beta(kd.divergence, kd.beta)
@@ -498,14 +499,8 @@ def make_kd_trainer_class() -> type:
             self._record(ce=parts.ce, soft=parts.soft, hidden=h)
             return (loss, out) if return_outputs else loss
 
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            if not self.group_by_length:
-                return super()._get_train_sampler(train_dataset)
-            from distill.train.sampler import BucketedBatchOrder
-
-            data = train_dataset if train_dataset is not None else self.train_dataset
-            return BucketedBatchOrder([len(e.input_ids) for e in data],
-                                      self.args.train_batch_size)
+        def example_lengths(self, data: Any) -> list[int]:
+            return [len(e.input_ids) for e in data]  # KDExample objects, not dataset rows
 
     return KDTrainer
 

@@ -11,6 +11,7 @@ padding and the stream of batches is as random as plain shuffling.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -46,3 +47,26 @@ class BucketedBatchOrder(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter([i for b in self.batches() for i in b])
+
+
+class BucketedSampling:
+    """Trainer mixin for `train.group_by_length`: the train sampler is `BucketedBatchOrder`.
+
+    `group_by_length=` is a constructor keyword; `example_lengths` says how long each example
+    of the train dataset is (default: a tokenized `datasets.Dataset` with `input_ids`)."""
+
+    args: Any
+    train_dataset: Any
+
+    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
+
+    def example_lengths(self, data: Any) -> list[int]:
+        return [len(x) for x in data["input_ids"]]
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)  # type: ignore[misc]
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        return BucketedBatchOrder(self.example_lengths(data), self.args.train_batch_size)

@@ -60,22 +60,16 @@ def sft_args(cfg: PipelineConfig, output_dir: str) -> Any:
     )
 
 
-def sft_trainer_class(group_by_length: bool) -> Any:
+def sft_trainer_class() -> Any:
     """TRL's SFTTrainer, with `train.group_by_length` batches (`distill.train.sampler`)."""
     from trl import SFTTrainer
 
-    if not group_by_length:
-        return SFTTrainer
+    from distill.train.sampler import BucketedSampling
 
-    class BucketedSFTTrainer(SFTTrainer):
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            from distill.train.sampler import BucketedBatchOrder
+    class DistillSFTTrainer(BucketedSampling, SFTTrainer):
+        pass
 
-            data = train_dataset if train_dataset is not None else self.train_dataset
-            return BucketedBatchOrder([len(x) for x in data["input_ids"]],
-                                      self.args.train_batch_size)
-
-    return BucketedSFTTrainer
+    return DistillSFTTrainer
 
 
 def peft_config(cfg: PipelineConfig) -> Any:
@@ -103,8 +97,8 @@ def train_sft(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, *, label: st
     data = to_prompt_completion(dataset)
     work = Path(tempfile.mkdtemp(prefix="distill-train-"))
     try:
-        trainer = sft_trainer_class(cfg.train.group_by_length)(
-            model=model,
+        trainer = sft_trainer_class()(
+            model=model, group_by_length=cfg.train.group_by_length,
             args=sft_args(cfg, str(work)),
             train_dataset=data,
             processing_class=tok,
