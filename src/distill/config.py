@@ -81,6 +81,11 @@ class TeacherConfig(Strict):
     """transformers backend: `static` preallocates each batch's KV cache (prompt + max_tokens)
     instead of growing it by concatenation every step; same tokens, less copying. The demo's
     2.5M teacher generates ~10-17% faster with it on CPU."""
+    workers: int = Field(1, ge=1)
+    """transformers backend on CPU: generate in this many processes, each with its own copy of
+    the model and an equal share of the CPU threads. A small model spends much of `generate` in
+    Python, which one process cannot spread over cores; two 1-thread workers beat one 2-thread
+    process (benchmarks/teacher_workers.py)."""
     trust_remote_code: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
@@ -90,6 +95,13 @@ class TeacherConfig(Strict):
     terms: str | None = None
     """The teacher's licence or terms of use for its outputs (text or a URL), copied into the
     dataset card so whoever reuses the data sees them (e.g. "OpenAI Terms of Use: ...")."""
+
+    @model_validator(mode="after")
+    def _workers_local(self) -> TeacherConfig:
+        if self.workers > 1 and (self.backend != "transformers" or self.device != "cpu"):
+            raise ValueError("workers > 1 needs backend: transformers and device: cpu (a GPU "
+                             "batches in one process; an API scales with max_concurrency)")
+        return self
 
 
 class GenerateConfig(Strict):

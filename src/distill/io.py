@@ -8,7 +8,7 @@ from typing import Any
 
 from datasets import Dataset, load_from_disk
 
-from distill.records import atomic_path, read_jsonl, write_jsonl
+from distill.records import atomic_path, dumps, loads, read_jsonl, write_jsonl
 
 # Columns whose shape varies row to row (Arrow wants one type per column): stored as JSON text in
 # the dataset, as real JSON in the jsonl.
@@ -21,7 +21,7 @@ def to_dataset(rows: list[dict[str, Any]]) -> Dataset:
         r = dict(r)
         for c in JSON_COLUMNS:
             if c in r and not isinstance(r[c], str):
-                r[c] = json.dumps(r[c], ensure_ascii=False)
+                r[c] = dumps(r[c])
         enc.append(r)
     return Dataset.from_list(enc)
 
@@ -31,7 +31,7 @@ def from_dataset(ds: Dataset) -> list[dict[str, Any]]:
     for r in rows:
         for c in JSON_COLUMNS:
             if isinstance(r.get(c), str):
-                r[c] = json.loads(r[c])
+                r[c] = loads(r[c])
     return rows
 
 

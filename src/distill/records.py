@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 SEED_FIELDS = ("id", "question", "answer", "source")
 
 GENERATION_FIELDS = (
@@ -82,11 +84,28 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON. orjson, not json: rows carrying KD soft targets (top-k logprobs for
+    every token) are mostly floats, and encoding them dominated the filter stage (~10x faster)."""
+    return orjson.dumps(obj, default=str, option=_ORJSON_OPTS)
+
+
+def dumps(obj: Any) -> str:
+    return dumps_bytes(obj).decode()
+
+
+def loads(text: str | bytes) -> Any:
+    return orjson.loads(text)
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     n = 0
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            fh.write(dumps_bytes(row) + b"\n")
             n += 1
     return n
 
@@ -95,12 +114,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     from distill.config import ConfigError
 
     rows = []
-    with open(path) as fh:
+    with open(path, "rb") as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = orjson.loads(line)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path}:{i}: invalid JSON ({err.msg})") from None
             if not isinstance(row, dict):

@@ -7,6 +7,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,7 @@ def load_causal_lm(name: str, *, trust_remote_code: bool = False, dtype: str = "
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not name:
-        raise ConfigError("teacher.model: empty; expected a model directory or hub id")
-    path = Path(name)
-    if (name.startswith((".", "/")) or path.exists()) and not (path / "config.json").exists():
-        raise ConfigError(f"teacher.model: {name}: no config.json (not a model directory)")
+    check_model_name(name)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -38,6 +35,14 @@ def load_causal_lm(name: str, *, trust_remote_code: bool = False, dtype: str = "
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model, tok
+
+
+def check_model_name(name: str) -> None:
+    if not name:
+        raise ConfigError("teacher.model: empty; expected a model directory or hub id")
+    path = Path(name)
+    if (name.startswith((".", "/")) or path.exists()) and not (path / "config.json").exists():
+        raise ConfigError(f"teacher.model: {name}: no config.json (not a model directory)")
 
 
 def render_chat(tok: Any, messages: list[dict[str, str]]) -> str:
@@ -56,6 +61,7 @@ class TransformersTeacher:
         self.model_name = cfg.model
         self.model = model
         self.tokenizer = tokenizer
+        self._pool: Any = None
 
     @property
     def model_id(self) -> str:
@@ -69,23 +75,77 @@ class TransformersTeacher:
             )
 
     async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, int, Completion]]:
-        self._ensure_loaded()
         by_params: dict[SamplingParams, list[tuple[Job, int]]] = defaultdict(list)
         for job in jobs:
             for s in job.samples:
                 by_params[job.params].append((job, s))
+        batches: list[tuple[list[tuple[Job, int]], SamplingParams]] = []
         for params, items in by_params.items():
             # Sort by prompt length so a batch wastes little padding.
             items.sort(key=lambda it: len(str(it[0].messages)))
             bs = self.cfg.batch_size
-            for start in range(0, len(items), bs):
-                batch = items[start : start + bs]
+            batches += [(items[i : i + bs], params) for i in range(0, len(items), bs)]
+        if self.cfg.workers > 1 and self.model is None:
+            gen = self._stream_workers(batches)
+        else:
+            self._ensure_loaded()
+            gen = self._stream_local(batches)
+        async for out in gen:
+            yield out
+
+    async def _stream_local(self, batches: list[tuple[list[tuple[Job, int]], SamplingParams]]
+                            ) -> AsyncIterator[tuple[Job, int, Completion]]:
+        for batch, params in batches:
+            try:
+                outs = await asyncio.to_thread(self._generate, batch, params)
+            except Exception as err:  # noqa: BLE001 - a failed batch becomes error rows
+                outs = [Completion(error=f"{type(err).__name__}: {err}") for _ in batch]
+            for (job, s), comp in zip(batch, outs, strict=True):
+                yield job, s, comp
+
+    async def _stream_workers(self, batches: list[tuple[list[tuple[Job, int]], SamplingParams]]
+                              ) -> AsyncIterator[tuple[Job, int, Completion]]:
+        """Batches spread over `workers` processes, two in flight per worker so none idles;
+        results come back as batches finish. Each batch is seeded by its own first job, so the
+        text does not depend on which worker ran it."""
+        loop = asyncio.get_running_loop()
+        pool = self._worker_pool()
+        pending: dict[asyncio.Future[Any], list[tuple[Job, int]]] = {}
+        queue = list(reversed(batches))
+        while queue or pending:
+            while queue and len(pending) < 2 * self.cfg.workers:
+                batch, params = queue.pop()
+                fut = loop.run_in_executor(pool, _worker_generate, batch, params)
+                pending[fut] = batch
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                batch = pending.pop(fut)
                 try:
-                    outs = await asyncio.to_thread(self._generate, batch, params)
+                    outs = fut.result()
+                except BrokenProcessPool as err:
+                    raise RuntimeError(f"teacher.workers: a worker process died ({err}); its "
+                                       "error is printed above") from None
                 except Exception as err:  # noqa: BLE001 - a failed batch becomes error rows
                     outs = [Completion(error=f"{type(err).__name__}: {err}") for _ in batch]
                 for (job, s), comp in zip(batch, outs, strict=True):
                     yield job, s, comp
+
+    def _worker_pool(self) -> Any:
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            import torch
+
+            check_model_name(self.cfg.model)
+            threads = max(1, torch.get_num_threads() // self.cfg.workers)
+            one = self.cfg.model_copy(update={"workers": 1})
+            # spawn, not fork: a forked copy of a process that has run torch ops can deadlock in
+            # its thread pool.
+            self._pool = ProcessPoolExecutor(
+                self.cfg.workers, mp_context=mp.get_context("spawn"),
+                initializer=_worker_init, initargs=(one, threads))
+        return self._pool
 
     def _generate(self, batch: list[tuple[Job, int]], params: SamplingParams) -> list[Completion]:
         import torch
@@ -144,7 +204,26 @@ class TransformersTeacher:
         return comps
 
     async def aclose(self) -> None:
-        return None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+_WORKER: TransformersTeacher | None = None
+
+
+def _worker_init(cfg: TeacherConfig, threads: int) -> None:
+    import torch
+
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = TransformersTeacher(cfg)
+    _WORKER._ensure_loaded()
+
+
+def _worker_generate(batch: list[tuple[Job, int]], params: SamplingParams) -> list[Completion]:
+    assert _WORKER is not None, "worker process not initialised"
+    return _WORKER._generate(batch, params)
 
 
 def _as_list(x: Any) -> list[int]:
