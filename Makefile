@@ -25,6 +25,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/teacher_throughput.py --requests 3000 --concurrency 64
 	$(PY) benchmarks/dedup.py
+	$(PY) benchmarks/teacher_workers.py -n 2000
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

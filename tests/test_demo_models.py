@@ -66,6 +66,25 @@ def test_drills_are_correct_arithmetic_and_no_word_problems() -> None:
         assert "answer" not in chain and "?" not in chain
 
 
+def test_close_subtraction_drills_have_small_results_and_leave_the_default_stream_alone() -> None:
+    import random
+    import re
+
+    from distill.tasks import check_solution
+
+    rng, subs = random.Random(0), []
+    for _ in range(400):
+        line = drill_equation(rng, close_sub=1.0)
+        assert check_solution(line)[0]
+        if m := re.fullmatch(r"(\d+) - (\d+) = (\d+)\.", line):
+            subs.append(tuple(map(int, m.groups())))
+    assert len(subs) > 50
+    assert all(a >= 100 and 1 <= c <= 200 for a, _, c in subs)
+    # close_sub=0 draws exactly what the shipped base student was trained on.
+    plain = [drill_equation(random.Random(i)) for i in range(50)]
+    assert plain == [drill_equation(random.Random(i), close_sub=0.0) for i in range(50)]
+
+
 def test_recipe_file_trains_both_models_end_to_end(tmp_path: Path) -> None:
     """Tiny versions of both recipes run, save safetensors + training.json, and reload."""
     from transformers import AutoModelForCausalLM

@@ -189,8 +189,12 @@ def _drill_operand(rng: random.Random) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def drill_equation(rng: random.Random) -> str:
-    """One random ``a op b = c.`` line over the operand ranges the word problems use."""
+def drill_equation(rng: random.Random, close_sub: float = 0.0) -> str:
+    """One random ``a op b = c.`` line over the operand ranges the word problems use.
+
+    `close_sub`: the share of subtractions whose result is small (1-200) next to a 3-digit
+    first operand, like a word problem's "what is left" step (``493 - 470 = 23.``); two
+    independent operands rarely make one."""
     op = rng.choice("+-*/")
     if op in "*/":
         a, b = rng.randint(2, 12), rng.randint(2, 12) * (10 if rng.random() < 0.2 else 1)
@@ -200,6 +204,9 @@ def drill_equation(rng: random.Random) -> str:
         return f"{a} * {b} = {a * b}."
     a, b = _drill_operand(rng), _drill_operand(rng)
     if op == "-":
+        if close_sub and rng.random() < close_sub:
+            a = rng.randint(100, 999)
+            b = a - rng.randint(1, min(200, a - 1))
         a, b = max(a, b), min(a, b)
         return f"{a} - {b} = {a - b}."
     while a + b > 999:
@@ -250,7 +257,8 @@ def binding_drill(rng: random.Random) -> str:
 
 
 def arithmetic_drills(tok: Any, n: int, seed: int = 0, per_sequence: int = 6,
-                      binding: float = 0.5) -> list[tuple[list[int], list[int]]]:
+                      binding: float = 0.5, close_sub: float = 0.0
+                      ) -> list[tuple[list[int], list[int]]]:
     """Plain-text "pretraining" for a base model: equation drills and letter-binding chains.
 
     No word problems and no chat turns: a model trained on these knows arithmetic and how to look
@@ -262,7 +270,7 @@ def arithmetic_drills(tok: Any, n: int, seed: int = 0, per_sequence: int = 6,
         if rng.random() < binding:
             text = binding_drill(rng)
         else:
-            text = "\n".join(drill_equation(rng) for _ in range(per_sequence))
+            text = "\n".join(drill_equation(rng, close_sub) for _ in range(per_sequence))
         ids = tok(text, add_special_tokens=False)["input_ids"]
         out.append((ids, list(ids)))
     return out
@@ -391,7 +399,7 @@ def _save(model: Any, tok: Any, out: Path, info: dict[str, Any]) -> None:
 
 
 def train_base_student(out_dir: str | Path, n_sequences: int = 288_000, lr: float = 5e-3,
-                       batch_size: int = 32, seed: int = 0,
+                       batch_size: int = 32, seed: int = 0, close_sub: float = 0.0,
                        config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pretrain the demo's *base* student on plain arithmetic drills (never on word problems).
 
@@ -404,11 +412,13 @@ def train_base_student(out_dir: str | Path, n_sequences: int = 288_000, lr: floa
     tok = build_tokenizer(None, seed=seed)
     cfg = config or student_config(len(tok))
     model = build_model(cfg, tok, seed=seed)
-    stats = train_causal_lm(model, arithmetic_drills(tok, n_sequences, seed=seed), epochs=1.0,
+    drills = arithmetic_drills(tok, n_sequences, seed=seed, close_sub=close_sub)
+    stats = train_causal_lm(model, drills, epochs=1.0,
                             lr=lr, batch_size=batch_size, seed=seed, pad_id=tok.pad_token_id,
                             log_every=500)
     info = {"params": count_params(model), "config": cfg, "data": "arithmetic drills",
-            "n_sequences": n_sequences, "lr": lr, "batch_size": batch_size, "seed": seed,
+            "n_sequences": n_sequences, "close_sub": close_sub, "lr": lr,
+            "batch_size": batch_size, "seed": seed,
             "train": stats, "wall_s": round(time.perf_counter() - t0, 1)}
     _save(model, tok, out, info)
     return info
@@ -496,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n-train", type=int, default=40_000, help="teacher: CoT problems")
     ap.add_argument("--drill-frac", type=float, default=0.3)
     ap.add_argument("--n-sequences", type=int, default=288_000, help="base student: drills")
+    ap.add_argument("--close-sub", type=float, default=0.0,
+                    help="base student: share of subtraction drills with a small result")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -522,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = student_config(vocab, **(model_config or {}))
         info = train_base_student(args.out or "data/models/demo-student-base",
                                   n_sequences=args.n_sequences, lr=args.lr or 5e-3,
+                                  close_sub=args.close_sub,
                                   batch_size=args.batch_size, seed=args.seed, config=cfg)
     print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
 
