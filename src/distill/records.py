@@ -119,7 +119,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = orjson.loads(line)
+                row = loads(line)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path}:{i}: invalid JSON ({err.msg})") from None
             if not isinstance(row, dict):

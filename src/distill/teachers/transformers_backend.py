@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import zlib
 from collections import defaultdict
@@ -111,12 +112,12 @@ class TransformersTeacher:
         loop = asyncio.get_running_loop()
         pool = self._worker_pool()
         pending: dict[asyncio.Future[Any], list[tuple[Job, int]]] = {}
-        queue = list(reversed(batches))
-        while queue or pending:
-            while queue and len(pending) < 2 * self.cfg.workers:
-                batch, params = queue.pop()
-                fut = loop.run_in_executor(pool, _worker_generate, batch, params)
-                pending[fut] = batch
+        todo = iter(batches)
+        while True:
+            for batch, params in itertools.islice(todo, 2 * self.cfg.workers - len(pending)):
+                pending[loop.run_in_executor(pool, _worker_generate, batch, params)] = batch
+            if not pending:
+                break
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
                 batch = pending.pop(fut)
