@@ -85,6 +85,28 @@ def test_close_subtraction_drills_have_small_results_and_leave_the_default_strea
     assert plain == [drill_equation(random.Random(i), close_sub=0.0) for i in range(50)]
 
 
+def test_round_operand_drills_add_multiples_of_ten_and_leave_the_default_stream_alone() -> None:
+    import hashlib
+    import random
+    import re
+
+    from distill.tasks import check_solution
+
+    rng, pairs = random.Random(0), []
+    for _ in range(400):
+        line = drill_equation(rng, close_sub=0.5, round_ops=1.0)
+        assert check_solution(line)[0]
+        if m := re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+)\.", line):
+            pairs.append((int(m[1]), int(m[3])))
+    assert len(pairs) > 100
+    assert all(a % 10 == 0 and b % 10 == 0 for a, b in pairs)
+    assert sum(a % 100 == 0 and b % 100 == 0 for a, b in pairs) > 20
+    # round_ops=0 draws the same stream as before the option existed (digest taken then).
+    rng = random.Random(7)
+    text = "\n".join(drill_equation(rng, close_sub=0.5, round_ops=0.0) for _ in range(2000))
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "5e1dd69e6b7b9944"
+
+
 def test_recipe_file_trains_both_models_end_to_end(tmp_path: Path) -> None:
     """Tiny versions of both recipes run, save safetensors + training.json, and reload."""
     from transformers import AutoModelForCausalLM

@@ -407,3 +407,14 @@ def test_bucketed_batches_cover_every_example_with_less_padding_in_random_order(
     # Each epoch draws a new order; the same seed draws the same one.
     torch.manual_seed(0)
     assert list(sampler) == order and list(sampler) != order
+
+
+def test_topk_tensors_pads_ragged_and_empty_steps() -> None:
+    from distill.train.kd import NEG, topk_tensors
+
+    ids, lps, valid = topk_tensors([[(3, -0.1), (5, -2.0)], [], [(7, -0.5)]])
+    assert ids.tolist() == [[3, 5], [0, 0], [7, 0]]
+    assert lps[0].tolist() == pytest.approx([-0.1, -2.0]) and lps[1].tolist() == [NEG, NEG]
+    assert valid.tolist() == [[True, True], [False, False], [True, False]]
+    for out in topk_tensors([]):
+        assert tuple(out.shape) == (0, 0)

@@ -189,12 +189,19 @@ def _drill_operand(rng: random.Random) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def drill_equation(rng: random.Random, close_sub: float = 0.0) -> str:
+def _round_operand(rng: random.Random) -> int:
+    return rng.randint(1, 9) * 100 if rng.random() < 0.4 else rng.randint(1, 99) * 10
+
+
+def drill_equation(rng: random.Random, close_sub: float = 0.0, round_ops: float = 0.0) -> str:
     """One random ``a op b = c.`` line over the operand ranges the word problems use.
 
     `close_sub`: the share of subtractions whose result is small (1-200) next to a 3-digit
     first operand, like a word problem's "what is left" step (``493 - 470 = 23.``); two
-    independent operands rarely make one."""
+    independent operands rarely make one. `round_ops`: the share of additions and subtractions
+    whose operands are both multiples of 10 (of 100 for 40% of them), like the products of
+    speeds and hours a word problem adds (``300 + 500 = 800.``); independent operands make one
+    in a hundred."""
     op = rng.choice("+-*/")
     if op in "*/":
         a, b = rng.randint(2, 12), rng.randint(2, 12) * (10 if rng.random() < 0.2 else 1)
@@ -202,15 +209,17 @@ def drill_equation(rng: random.Random, close_sub: float = 0.0) -> str:
             return f"{a * b} / {a} = {b}."
         a, b = (a, b) if rng.random() < 0.5 else (b, a)
         return f"{a} * {b} = {a * b}."
-    a, b = _drill_operand(rng), _drill_operand(rng)
+    rounded = bool(round_ops) and rng.random() < round_ops
+    draw = _round_operand if rounded else _drill_operand
+    a, b = draw(rng), draw(rng)
     if op == "-":
-        if close_sub and rng.random() < close_sub:
+        if close_sub and not rounded and rng.random() < close_sub:
             a = rng.randint(100, 999)
             b = a - rng.randint(1, min(200, a - 1))
         a, b = max(a, b), min(a, b)
         return f"{a} - {b} = {a - b}."
     while a + b > 999:
-        a, b = _drill_operand(rng), _drill_operand(rng)
+        a, b = draw(rng), draw(rng)
     return f"{a} + {b} = {a + b}."
 
 
@@ -257,7 +266,7 @@ def binding_drill(rng: random.Random) -> str:
 
 
 def arithmetic_drills(tok: Any, n: int, seed: int = 0, per_sequence: int = 6,
-                      binding: float = 0.5, close_sub: float = 0.0
+                      binding: float = 0.5, close_sub: float = 0.0, round_ops: float = 0.0
                       ) -> list[tuple[list[int], list[int]]]:
     """Plain-text "pretraining" for a base model: equation drills and letter-binding chains.
 
@@ -270,7 +279,7 @@ def arithmetic_drills(tok: Any, n: int, seed: int = 0, per_sequence: int = 6,
         if rng.random() < binding:
             text = binding_drill(rng)
         else:
-            text = "\n".join(drill_equation(rng, close_sub) for _ in range(per_sequence))
+            text = "\n".join(drill_equation(rng, close_sub, round_ops) for _ in range(per_sequence))
         ids = tok(text, add_special_tokens=False)["input_ids"]
         out.append((ids, list(ids)))
     return out
@@ -400,7 +409,8 @@ def _save(model: Any, tok: Any, out: Path, info: dict[str, Any]) -> None:
 
 def train_base_student(out_dir: str | Path, n_sequences: int = 288_000, lr: float = 5e-3,
                        batch_size: int = 32, seed: int = 0, close_sub: float = 0.0,
-                       config: dict[str, Any] | None = None) -> dict[str, Any]:
+                       round_ops: float = 0.0, config: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
     """Pretrain the demo's *base* student on plain arithmetic drills (never on word problems).
 
     It plays the part a small pretrained LM plays in a real recipe: it can add and look numbers
@@ -412,12 +422,14 @@ def train_base_student(out_dir: str | Path, n_sequences: int = 288_000, lr: floa
     tok = build_tokenizer(None, seed=seed)
     cfg = config or student_config(len(tok))
     model = build_model(cfg, tok, seed=seed)
-    drills = arithmetic_drills(tok, n_sequences, seed=seed, close_sub=close_sub)
+    drills = arithmetic_drills(tok, n_sequences, seed=seed, close_sub=close_sub,
+                                round_ops=round_ops)
     stats = train_causal_lm(model, drills, epochs=1.0,
                             lr=lr, batch_size=batch_size, seed=seed, pad_id=tok.pad_token_id,
                             log_every=500)
     info = {"params": count_params(model), "config": cfg, "data": "arithmetic drills",
-            "n_sequences": n_sequences, "close_sub": close_sub, "lr": lr,
+            "n_sequences": n_sequences, "close_sub": close_sub,
+            "round_ops": round_ops, "lr": lr,
             "batch_size": batch_size, "seed": seed,
             "train": stats, "wall_s": round(time.perf_counter() - t0, 1)}
     _save(model, tok, out, info)
@@ -508,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n-sequences", type=int, default=288_000, help="base student: drills")
     ap.add_argument("--close-sub", type=float, default=0.0,
                     help="base student: share of subtraction drills with a small result")
+    ap.add_argument("--round-ops", type=float, default=0.0,
+                    help="base student: share of +/- drills on multiples of 10 or 100")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -534,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = student_config(vocab, **(model_config or {}))
         info = train_base_student(args.out or "data/models/demo-student-base",
                                   n_sequences=args.n_sequences, lr=args.lr or 5e-3,
-                                  close_sub=args.close_sub,
+                                  close_sub=args.close_sub, round_ops=args.round_ops,
                                   batch_size=args.batch_size, seed=args.seed, config=cfg)
     print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
 

@@ -216,23 +216,28 @@ class KDExample:
 
 
 def topk_tensors(steps: list[list[tuple[int, float]]]) -> tuple[Any, Any, Any]:
-    """Per-position (id, logprob) lists → padded `[n, k]` ids, log-probs and validity."""
+    """Per-position (id, logprob) lists → padded `[n, k]` ids, log-probs and validity.
+
+    One tensor per field from padded Python lists: building them position by position cost
+    ~2 s per 1,000 rows."""
     import torch
 
     n, k = len(steps), max((len(s) for s in steps), default=0)
-    ids = torch.zeros((n, k), dtype=torch.long)
-    lps = torch.full((n, k), NEG)
-    valid = torch.zeros((n, k), dtype=torch.bool)
-    for j, s in enumerate(steps):
-        if s:
-            ids[j, : len(s)] = torch.tensor([i for i, _ in s])
-            lps[j, : len(s)] = torch.tensor([lp for _, lp in s])
-            valid[j, : len(s)] = True
-    return ids, lps, valid
+    ids = [[i for i, _ in s] + [0] * (k - len(s)) for s in steps]
+    lps = [[lp for _, lp in s] + [NEG] * (k - len(s)) for s in steps]
+    valid = [[True] * len(s) + [False] * (k - len(s)) for s in steps]
+    return (torch.tensor(ids, dtype=torch.long).reshape(n, k),
+            torch.tensor(lps, dtype=torch.float32).reshape(n, k),
+            torch.tensor(valid, dtype=torch.bool).reshape(n, k))
 
 
 def _encode(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_all(tok: Any, texts: list[str]) -> list[list[int]]:
+    """`_encode` for many texts in one tokenizer call (a fast tokenizer batches them)."""
+    return [list(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
 def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -291,8 +296,10 @@ def kd_examples(rows: list[dict[str, Any]], tok: Any, *, max_length: int,
 
     stats: Counter[str] = Counter()
     out = []
-    for r in rows:
-        prompt = _encode(tok, render_chat(tok, _prompt_messages(r)))
+    prompts = _encode_all(tok, [render_chat(tok, _prompt_messages(r)) for r in rows])
+    tprompts = (_encode_all(teacher_tok, [render_chat(teacher_tok, _prompt_messages(r))
+                                          for r in rows]) if teacher_tok is not None else None)
+    for n, (r, prompt) in enumerate(zip(rows, prompts, strict=True)):
         completion, steps = completion_targets(r, tok, mapper, stats)
         room = max_length - len(prompt)
         if not prompt or room < 1:
@@ -304,8 +311,8 @@ def kd_examples(rows: list[dict[str, Any]], tok: Any, *, max_length: int,
         ex = KDExample(input_ids=prompt + completion, prompt_len=len(prompt))
         if steps:
             ex.topk_ids, ex.topk_logprobs, ex.topk_valid = topk_tensors(steps)
-        if teacher_tok is not None:
-            tprompt = _encode(teacher_tok, render_chat(teacher_tok, _prompt_messages(r)))
+        if tprompts is not None:
+            tprompt = tprompts[n]
             ex.teacher_input_ids, ex.teacher_prompt_len = tprompt + completion, len(tprompt)
         out.append(ex)
     return out, stats
