@@ -33,7 +33,7 @@ ROWS = [
     gen("a3", "a", "3 + 4 = 7. The ans", "7", finish_reason="length"),
     gen("b0", "b", "2 * 5 = 10. The answer is 10."),
     gen("b1", "b", "Two fives: 2 * 5 = 10. Answer: 10"),
-    gen("b2", "b", "2 * 5 = 12. The answer is 12."),
+    gen("b2", "b", "5 + 7 = 12. The answer is 12."),
     gen("c0", "c", "", error="TimeoutError: read timed out"),
     gen("c1", "c", "I'm sorry, but I can't help with that."),
     gen("c2", "c", "loop " * 200),
@@ -140,7 +140,9 @@ def test_gsm8k_solutions_as_generations_survive_the_default_filters() -> None:
         "exact": True, "near": {"ngram": 3, "threshold": 0.7}}}))
     assert all(r["scores"]["verified"] for r in out)
     # The few drops are solutions whose last equation is not the final answer (unit changes,
-    # "20 = A"-style algebra): the faithfulness check, documented in filter/verify.py.
+    # "20 = A"-style algebra): the faithfulness check, documented in filter/verify.py; and
+    # a gold solution whose step is wrong as written ("192*100=$1920"): the arithmetic check.
     assert funnel["out"] >= 0.97 * len(rows)
     assert {r["drop_reason"] for r in out if not r["keep"]} <= {
-        "verify: unfaithful (last equation differs from the answer)"}
+        "verify: unfaithful (last equation differs from the answer)",
+        "verify: wrong arithmetic in a step"}

@@ -15,6 +15,7 @@ from distill.filter.verify import (
     gold_answer,
     is_faithful,
     verify_row,
+    wrong_steps,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_verify_row_reasons_and_scores() -> None:
     ok = row(response="3 + 4 = 7. The answer is 7.", answer="7", gold="7")
     assert verify_row(ok, cfg) is None
     assert ok["scores"] == {"answer_source": "phrase", "truncated": False, "verified": True,
-                            "faithful": True}
+                            "faithful": True, "arithmetic_ok": True}
     wrong = row(response="3 + 4 = 8. The answer is 8.", answer="8", gold="7")
     assert verify_row(wrong, cfg) == "wrong answer" and wrong["scores"]["verified"] is False
     cut = row(response="3 + 4 = 7. The ans", answer="7", gold="7", finish_reason="length")
@@ -126,6 +127,54 @@ def test_verify_row_reasons_and_scores() -> None:
     unfaithful = row(response="3 + 4 = 7. The answer is 7.\nSo 7 * 2 = 14.\n#### 7", gold="7")
     assert verify_row(unfaithful, cfg) == "unfaithful (last equation differs from the answer)"
     assert verify_row(unfaithful, VerifyConfig(faithfulness=False)) is None
+
+
+@pytest.mark.parametrize(("text", "wrong"), [
+    ("In total that is 280 + 540 = 720 miles.", ["280 + 540 = 720"]),
+    ("In total that is 280 + 540 = 820 miles.", []),
+    ("Natalia sold 48+24 = <<48+24=72>>72 clips.", []),
+    ("She pays $12 * 100 = $1,200.00.", []),
+    ("1,200 + 300 = 1,600 people", ["1,200 + 300 = 1,600"]),
+    ("3 x 4 = 12, then 10 - 2 - 3 = 6", ["10 - 2 - 3 = 6"]),
+    ("3 + 4 * 2 = 11", []),  # precedence
+    ("100 / 3 = 33.33 each", []),  # rounded to the decimals shown
+    ("Each day that is 70 / 8 = 10 pages.", ["70 / 8 = 10"]),
+    ("it takes 17/3 = 5 and 2/3 loads", []),  # floored
+    ("2 + 3 = 5 * 4 = 20", []),  # a running chain: each result checked
+    ("-5 + 3 = -2", []),
+    ("The answer is 5.", None),  # nothing to check
+    ("d = b * k = 4 * 12 = 48.", []),
+    ("(3 + 4) * 2 = 15", None),  # part of a larger expression: left alone
+    ("8 x 1 1/2 = 12 rolls", None),  # mixed number
+    ("20% of 50 = 10", None),
+    ("half of 10 + 4 = 9", None),
+    ("100/5 = 5A/5 or 20 = A", None),  # algebra
+    ("3*X - 3*6 = 77", None),
+    ("from 0900-0130 = 0730 hours", None),  # clock times
+])
+def test_wrong_steps_recompute_plain_equations(text: str, wrong: list[str] | None) -> None:
+    assert wrong_steps(text) == wrong
+
+
+def test_a_wrong_step_drops_a_row_even_when_the_answer_is_right() -> None:
+    text = ("First it goes 70 * 4 = 280 miles.\nThen it goes 90 * 6 = 540 miles.\n"
+            "In total that is 280 + 540 = 720 miles.\nThe miles left are 970 - 720 = 150.\n"
+            "The answer is 150.")  # a demo teacher sample: two slips cancel out
+    r = row(response=text, gold="150")
+    assert verify_row(r, VerifyConfig()) == "wrong arithmetic in a step"
+    assert r["scores"]["verified"] is True and r["scores"]["wrong_step"] == "280 + 540 = 720"
+    assert verify_row(row(response=text, gold="150"), VerifyConfig(arithmetic=False)) is None
+
+
+@needs_gsm8k
+def test_gsm8k_gold_solutions_rarely_have_a_wrong_step() -> None:
+    rows = gsm8k("train", 7473) + gsm8k("test", 1319)
+    flagged = [r["answer"] for r in rows if wrong_steps(r["answer"])]
+    checked = sum(wrong_steps(r["answer"]) is not None for r in rows)
+    assert checked / len(rows) > 0.9  # nearly every solution has a checkable equation
+    # 15 of the 8,792 when written: mostly real slips in GSM8K ("2*8=24", "4+4+6=18")
+    assert len(flagged) <= 0.003 * len(rows)
+    assert any("Jerry took 2*8 = 24 hours" in a for a in flagged)
 
 
 def test_rows_without_gold_pass_unless_gold_is_required() -> None:

@@ -255,6 +255,9 @@ class VerifyConfig(Strict):
     """Drop rows whose seed has no gold answer (otherwise they pass to consistency/judge)."""
     faithfulness: bool = True
     """Drop rows whose last equation result differs from their stated final answer."""
+    arithmetic: bool = True
+    """Drop rows with a wrong step: every plain-number equation of the rationale is recomputed
+    (`distill.filter.verify.wrong_steps`; a result may be rounded to the decimals it shows)."""
     drop_truncated: bool = True
     """Drop rows cut by max_tokens (finish_reason "length") or that state no final answer."""
     require_explicit_answer: bool = False
