@@ -101,6 +101,22 @@ def test_adaptive_schedule_spends_samples_on_hard_seeds() -> None:
     assert samples_to_draw(a, 1, 2, 0, has_gold=False) == 0
 
 
+def test_adaptive_counts_a_sample_as_verified_only_if_the_filter_would_keep_it() -> None:
+    from distill.config import VerifyConfig
+    from distill.generate.adaptive import _verified
+
+    def sample(text: str) -> dict[str, Any]:
+        return {"id": "s#0", "seed_id": "s", "question": "q?", "gold": "150", "answer": "150",
+                "response": text, "finish_reason": "stop"}
+
+    slipped = sample("280 + 540 = 720 miles, 970 - 720 = 150.\nThe answer is 150.")
+    clean = sample("280 + 540 = 820 miles, 970 - 820 = 150.\nThe answer is 150.")
+    assert not _verified(slipped, VerifyConfig())  # right answer, wrong step: sample again
+    assert _verified(slipped, VerifyConfig(arithmetic=False)) and _verified(slipped, None)
+    assert _verified(clean, VerifyConfig()) and "scores" not in clean
+    assert not _verified(clean | {"error": "TimeoutError"}, VerifyConfig())
+
+
 # ---------------------------------------------------------------------------- end to end
 
 HARD, IMPOSSIBLE, MEDIUM = 1, 2, 3  # train rows whose samples are scripted to fail

@@ -1,8 +1,9 @@
 """Adaptive rejection sampling for chain-of-thought: spend samples where they are needed.
 
 A fixed `samples_per_prompt` pays as much for "2 + 3" as for the hardest question. Here every
-seed is sampled in rounds until `k` of its rationales verify against the gold answer
-(`filter.verify.answers_match`) or `max_samples` were drawn:
+seed is sampled in rounds until `k` of its rationales pass the filter's verify checks (the
+gold answer, and faithfulness and step arithmetic when `filter.verify` asks for them;
+`filter.verify.verify_row`) or `max_samples` were drawn:
 
     round 1       k samples of every seed
     round 2..R-1  seeds short of k: what their pass rate so far says they need
@@ -20,8 +21,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from distill.config import AdaptiveConfig, PipelineConfig
-from distill.filter.verify import answers_match
+from distill.config import AdaptiveConfig, PipelineConfig, VerifyConfig
+from distill.filter.verify import answers_match, verify_row
 from distill.generate.cot import generation_row, sampling_params
 from distill.generate.templates import chat_messages
 from distill.records import RunDir
@@ -49,8 +50,14 @@ def samples_to_draw(a: AdaptiveConfig, round_: int, drawn: int, verified: int,
     return max(1, min(want, left))
 
 
-def _verified(row: dict[str, Any]) -> bool:
-    return not row.get("error") and answers_match(row.get("answer"), row.get("gold"))
+def _verified(row: dict[str, Any], checks: VerifyConfig | None) -> bool:
+    """Would the filter's verify step keep this sample? (Its gold answer alone without one.)"""
+    if row.get("error"):
+        return False
+    if checks is None:
+        return answers_match(row.get("answer"), row.get("gold"))
+    probe = row | {"scores": {}}  # verify_row writes scores; the filter stage scores for real
+    return verify_row(probe, checks) is None and probe["scores"].get("verified") is True
 
 
 def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
@@ -100,7 +107,7 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
                 for i in job.samples:
                     row = generation_row(cfg, seed, job, i, results[(job.key, i)])
                     row["adaptive_round"] = r
-                    ok = _verified(row)
+                    ok = _verified(row, cfg.filter.verify)
                     n_ok += ok
                     verified[job.key] += ok
                     drawn[job.key] += 1
