@@ -257,7 +257,8 @@ class VerifyConfig(Strict):
     """Drop rows whose last equation result differs from their stated final answer."""
     arithmetic: bool = True
     """Drop rows with a wrong step: every plain-number equation of the rationale is recomputed
-    (`distill.filter.verify.wrong_steps`; a result may be rounded to the decimals it shows)."""
+    (`distill.filter.verify.wrong_steps`; a result may be rounded, floored or ceiled to the
+    decimals it shows)."""
     drop_truncated: bool = True
     """Drop rows cut by max_tokens (finish_reason "length") or that state no final answer."""
     require_explicit_answer: bool = False

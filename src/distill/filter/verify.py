@@ -20,9 +20,10 @@ final answer. Rationales with no equation, or non-numeric answers, cannot be che
 
 Arithmetic (`wrong_steps`): every equation whose sides are plain arithmetic on numbers and whose
 right-hand side is one number (``280 + 540 = 820``, ``<<48/2=24>>``, ``$3 x 4 = $12``) is
-recomputed exactly; a result may be rounded to the decimals it shows (``100 / 3 = 33.33``). Text
-around an equation that makes it part of a larger expression (a parenthesis, an operator before
-it) or a percentage leaves it unchecked rather than guessed at.
+recomputed exactly; a result may be rounded, floored or ceiled to the decimals it shows
+(``100 / 3 = 33.33``, ``17 / 3 = 5 and 2/3``). Text around an equation that makes it part of a
+larger expression (a parenthesis, an operator before it), a percentage, a fraction operand,
+algebra or a clock time leaves it unchecked rather than guessed at.
 """
 
 from __future__ import annotations
