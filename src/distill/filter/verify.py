@@ -398,7 +398,7 @@ def wrong_steps(text: str | None) -> list[str] | None:
         return None
     checked, wrong = 0, []
     for m in _CHAIN.finditer(text):
-        before = text[: m.start()].rstrip()[-1:]
+        before = text[max(0, m.start() - 64): m.start()].rstrip()[-1:]  # not the whole prefix
         after = text[m.end():].lstrip()[:1]
         glued = text[m.end(): m.end() + 1]  # "= 5A", "= 1.2Y": algebra, not a result
         signed = m.group(0)[:1] in "-−"  # "3*X - 3*6 = 77": a binary minus, not a sign

@@ -100,7 +100,7 @@ class TransformersTeacher:
             try:
                 outs = await asyncio.to_thread(self._generate, batch, params)
             except Exception as err:  # noqa: BLE001 - a failed batch becomes error rows
-                outs = [Completion(error=f"{type(err).__name__}: {err}") for _ in batch]
+                outs = _failed(batch, err)
             for (job, s), comp in zip(batch, outs, strict=True):
                 yield job, s, comp
 
@@ -127,7 +127,7 @@ class TransformersTeacher:
                     raise RuntimeError(f"teacher.workers: a worker process died ({err}); its "
                                        "error is printed above") from None
                 except Exception as err:  # noqa: BLE001 - a failed batch becomes error rows
-                    outs = [Completion(error=f"{type(err).__name__}: {err}") for _ in batch]
+                    outs = _failed(batch, err)
                 for (job, s), comp in zip(batch, outs, strict=True):
                     yield job, s, comp
 
@@ -208,6 +208,10 @@ class TransformersTeacher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _failed(batch: list[tuple[Job, int]], err: Exception) -> list[Completion]:
+    return [Completion(error=f"{type(err).__name__}: {err}") for _ in batch]
 
 
 _WORKER: TransformersTeacher | None = None
