@@ -94,3 +94,21 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
 def test_report_on_a_non_run_dir_is_exit_2(tmp_path: Path) -> None:
     code, out = _invoke("report", str(tmp_path))
     assert code == 2 and "manifest.json" in out
+
+
+def test_summary_shows_train_and_export_results() -> None:
+    from distill.cli import stage_results
+
+    train = {"status": "done", "method": "kd", "students": {
+        "student": {"steps": 120, "final_loss": 0.51234, "train_s": 42.4, "dir": "student"},
+        "label_only": {"steps": 120, "final_loss": 1.2, "train_s": 9.9}}}
+    line = stage_results("train", train)
+    assert line.startswith("method=kd")
+    assert "student: 120 steps, loss 0.5123, 42 s" in line
+    assert "label_only: 120 steps, loss 1.2, 10 s" in line
+    export = {"status": "done", "formats": "merged,int8,gguf", "smallest_format": "gguf",
+              "smallest_bytes": 145_000_000, "smallest_ratio_vs_teacher": 3.71,
+              "merged_accuracy": 0.42, "int8_accuracy": 0.0}
+    line = stage_results("export", export)
+    assert "formats=merged,int8,gguf" in line and "smallest_mb=145.0" in line
+    assert "int8_accuracy=0.0" in line and "merged_accuracy=0.42" in line

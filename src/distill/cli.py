@@ -74,6 +74,32 @@ def _dry_run(cfg: PipelineConfig) -> None:
     out.print(table)
 
 
+SUMMARY_KEYS = ("rows", "kept", "sft_rows", "cost_usd", "soft_targets", "teacher_accuracy",
+                "student_accuracy", "label_only_accuracy", "base_student_accuracy",
+                "kd_accuracy", "student_to_teacher_ratio", "compression_ratio",
+                "formats", "smallest_format", "smallest_ratio_vs_teacher")
+
+
+def stage_results(name: str, entry: dict[str, Any]) -> str:
+    """One line of a stage's key results for the summary table."""
+    parts = [f"{k}={entry[k]}" for k in SUMMARY_KEYS if entry.get(k) is not None]
+    if name == "train":
+        if entry.get("method"):
+            parts.insert(0, f"method={entry['method']}")
+        for student, info in (entry.get("students") or {}).items():
+            loss = info.get("final_loss")
+            bits = [f"{info['steps']} steps" if info.get("steps") is not None else "",
+                    f"loss {loss:.4g}" if isinstance(loss, int | float) else "",
+                    f"{info['train_s']:.0f} s" if info.get("train_s") is not None else ""]
+            parts.append(f"{student}: {', '.join(b for b in bits if b)}")
+    if name == "export":
+        if entry.get("smallest_bytes"):
+            parts.append(f"smallest_mb={entry['smallest_bytes'] / 1e6:.1f}")
+        parts += [f"{k}={v}" for k, v in entry.items()
+                  if k.endswith("_accuracy") and k not in SUMMARY_KEYS and v is not None]
+    return ", ".join(parts)
+
+
 def _summary(manifest: dict[str, Any], run: RunDir) -> None:
     table = Table(title=f"distill: {run.root}")
     table.add_column("stage")
@@ -81,12 +107,8 @@ def _summary(manifest: dict[str, Any], run: RunDir) -> None:
     table.add_column("seconds", justify="right")
     table.add_column("key results")
     for name, e in manifest["stages"].items():
-        keys = [k for k in ("rows", "kept", "sft_rows", "cost_usd", "teacher_accuracy",
-                            "student_accuracy", "label_only_accuracy", "base_student_accuracy",
-                            "kd_accuracy", "student_to_teacher_ratio", "compression_ratio")
-                if e.get(k) is not None]
         table.add_row(name, str(e.get("status")), str(e.get("seconds", "-")),
-                      ", ".join(f"{k}={e[k]}" for k in keys))
+                      stage_results(name, e))
     out.print(table)
     out.print(f"report: {run.report}")
 

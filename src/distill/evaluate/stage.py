@@ -21,8 +21,9 @@ from distill.teachers.engine import run_jobs
 
 
 def dir_bytes(path: Path) -> int:
-    """Bytes of the weight files in a model directory."""
-    return sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.exists() else 0
+    """Bytes of the model's weight files: the directory's own safetensors, not an `adapter/`
+    kept beside a merged student (that counted the LoRA weights twice: 557.7 vs 538.1 MB)."""
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else 0
 
 
 def dir_params(path: Path) -> int | None:

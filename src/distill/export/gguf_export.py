@@ -412,7 +412,7 @@ class LlamaCppRunner(Runner):
         self.logits_all = logits_all
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        from distill.teachers.transformers_backend import render_chat
+        from distill.chat_template import render_chat
 
         text = render_chat(self.tokenizer, messages)
         return list(self.llm.tokenize(text.encode(), add_bos=False, special=True))

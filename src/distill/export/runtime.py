@@ -106,7 +106,7 @@ class Runner(ABC):
         """Append `ids` to the cache; return logits [n, vocab] for the last n ≥ 1 of them."""
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        from distill.teachers.transformers_backend import render_chat
+        from distill.chat_template import render_chat
 
         text = render_chat(self.tokenizer, messages)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

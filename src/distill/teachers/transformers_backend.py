@@ -12,8 +12,11 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from distill.chat_template import render_chat
 from distill.config import ConfigError, TeacherConfig
 from distill.teachers.base import Completion, Job, SamplingParams
+
+__all__ = ["TransformersTeacher", "load_causal_lm", "render_chat"]
 
 
 def load_causal_lm(name: str, *, trust_remote_code: bool = False, dtype: str = "auto",
@@ -44,14 +47,6 @@ def check_model_name(name: str) -> None:
     path = Path(name)
     if (name.startswith((".", "/")) or path.exists()) and not (path / "config.json").exists():
         raise ConfigError(f"teacher.model: {name}: no config.json (not a model directory)")
-
-
-def render_chat(tok: Any, messages: list[dict[str, str]]) -> str:
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # A bare LM with no template: plain turns, the assistant's left open.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + "assistant: "
 
 
 class TransformersTeacher:

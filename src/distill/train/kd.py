@@ -292,7 +292,7 @@ def kd_examples(rows: list[dict[str, Any]], tok: Any, *, max_length: int,
                 ) -> tuple[list[KDExample], Counter[str]]:
     """Training examples from sft rows. `mapper` set: use the stored top-k; `teacher_tok` set:
     also build the teacher's view of each sequence (its own prompt rendering)."""
-    from distill.teachers.transformers_backend import render_chat
+    from distill.chat_template import render_chat
 
     stats: Counter[str] = Counter()
     out = []

@@ -5,18 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distill.chat_template import DEFAULT_CHAT_TEMPLATE, ensure_chat_template
 from distill.config import ConfigError, PipelineConfig
 
-# Used when a tokenizer has no chat template of its own (e.g. a base model): plain role tags,
-# the assistant turn closed by EOS so the student learns to stop.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n"
-    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "build_student", "count_params", "load_tokenizer"]
 
 def _check_dir(name: str, field: str) -> None:
     p = Path(name)
@@ -35,8 +27,7 @@ def load_tokenizer(cfg: PipelineConfig) -> Any:
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=t.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    ensure_chat_template(tok)
     return tok
 
 
