@@ -44,7 +44,7 @@ def micro_pipeline(tmp_path: Path, tiny_teacher: Path) -> Path:
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "prompts").mkdir()
     (tmp_path / "data").mkdir()
-    (tmp_path / "prompts" / "cot.j2").write_text((ROOT / "prompts" / "cot.j2").read_text())
+    (tmp_path / "prompts" / "cot.j2").write_text((ROOT / "src" / "distill" / "prompts" / "cot.j2").read_text())
     with open(tmp_path / "data" / "seeds.jsonl", "w") as fh:
         for s in MICRO_SEEDS:
             fh.write(json.dumps(s) + "\n")

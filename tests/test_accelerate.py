@@ -55,7 +55,7 @@ def sft_project(tmp_path: Path) -> Path:
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "prompts").mkdir()
     root = Path(__file__).resolve().parents[1]
-    shutil.copy(root / "prompts" / "cot.j2", tmp_path / "prompts" / "cot.j2")
+    shutil.copy(root / "src" / "distill" / "prompts" / "cot.j2", tmp_path / "prompts" / "cot.j2")
     (tmp_path / "pipelines" / "ddp.yaml").write_text("""
 name: ddp
 seeds: {path: data/seeds.jsonl}

@@ -53,7 +53,7 @@ def _project(root: Path, teacher: Path, formats: list[str], extra: str = "") -> 
     (root / "pipelines").mkdir(parents=True, exist_ok=True)
     (root / "prompts").mkdir(exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
-    (root / "prompts" / "cot.j2").write_text((ROOT / "prompts" / "cot.j2").read_text())
+    (root / "prompts" / "cot.j2").write_text((ROOT / "src" / "distill" / "prompts" / "cot.j2").read_text())
     (root / "data" / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n"
                                                        for s in MICRO_SEEDS))
     path = root / "pipelines" / "export.yaml"

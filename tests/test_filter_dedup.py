@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from distill.config import PipelineConfig, SemanticDedupConfig
+from benchmarks.edits import EDITS, FILLERS, is_number, light_edit, renumber
+from distill.config import (
+    DecontamConfig,
+    DedupConfig,
+    NearDedupConfig,
+    PipelineConfig,
+    SemanticDedupConfig,
+)
 from distill.filter.dedup import (
     exact_duplicate_labels,
     keep_best_of_clusters,
@@ -26,6 +33,11 @@ from distill.filter.stage import filter_rows
 GSM8K = next((p for p in (Path(__file__).resolve().parents[1] / "data" / "gsm8k",
                           Path("/work/shared/data/gsm8k")) if (p / "train.jsonl").exists()), None)
 BACKENDS = ["numpy", "datasketch"]
+# Measured by `python benchmarks/dedup.py quality` (issue #16): word bigrams at 0.55 find >= 0.95
+# of lightly edited GSM8K question copies at >= 0.95 pairwise precision; 5-grams at 0.8 did not.
+PROPOSED_NEAR = {"ngram": 2, "threshold": 0.55, "num_perm": 128}
+PREVIOUS_NEAR = {"ngram": 5, "threshold": 0.8, "num_perm": 128}
+PROPOSED_DECONTAM_NGRAM = 10
 
 
 def test_exact_duplicates_ignore_case_whitespace_and_unicode_form() -> None:
@@ -100,6 +112,95 @@ def test_planted_gsm8k_copies_are_found_by_both_engines() -> None:
         results[backend] = (np.mean(found), merged_wrongly)
     for recall, wrong in results.values():
         assert recall >= 0.95 and wrong <= 2
+
+
+def test_config_defaults_match_measured_choice() -> None:
+    near = NearDedupConfig()
+    assert {"ngram": near.ngram, "threshold": near.threshold,
+            "num_perm": near.num_perm} == PROPOSED_NEAR
+    assert DedupConfig().field == "response"  # shared with exact dedup: kept (see benchmark)
+    assert DecontamConfig().ngram == PROPOSED_DECONTAM_NGRAM
+
+
+def numbers(text: str) -> list[str]:
+    return [t.rstrip(".,;:!?") for t in text.split() if is_number(t)]
+
+
+def test_each_light_edit_does_what_it_says_and_keeps_numbers() -> None:
+    text = "Janet's 16 ducks lay eggs daily. She eats 3, sells the rest for $2.50 each!"
+    base = text.split()
+    for seed in range(20):
+        for kind, edit in EDITS.items():
+            tokens = list(base)
+            assert edit(tokens, random.Random(seed)), kind
+            assert tokens != base and numbers(" ".join(tokens)) == numbers(text), kind
+            if kind == "drop":
+                assert len(tokens) == len(base) - 1
+            elif kind == "insert":
+                assert len(tokens) == len(base) + 1
+                assert (Counter(tokens) - Counter(base)).keys() <= set(FILLERS)
+            elif kind == "swap":
+                assert sorted(tokens) == sorted(base)
+            elif kind == "recase":
+                assert [t.lower() for t in tokens] == [t.lower() for t in base]
+            else:  # punctuation only: the same letters and digits, in order
+                assert [c for c in " ".join(tokens) if c.isalnum()] == [
+                    c for c in text if c.isalnum()]
+
+
+def test_light_edit_is_seeded_and_counts_its_edits() -> None:
+    text = ("A robe takes 2 bolts of blue fiber and half that much white fiber.  How many "
+            "bolts in total does it take?")
+    for n in (1, 2, 3):
+        edited = light_edit(text, random.Random(n), n)
+        assert edited == light_edit(text, random.Random(n), n)
+        assert len(edited.ops) == n and edited.text != " ".join(text.split())
+        assert numbers(edited.text) == numbers(text)
+    drawn = Counter(len(light_edit(text, random.Random(s)).ops) for s in range(300))
+    assert set(drawn) == {1, 2, 3}
+    sibling = renumber(text, random.Random(0))
+    assert sibling is not None and numbers(sibling) != numbers(text)
+    assert sibling.split()[4:] == text.split()[4:]  # only the one number changed
+    assert renumber("no numbers here", random.Random(0)) is None
+
+
+def gsm8k_questions(n: int) -> list[str]:
+    assert GSM8K is not None
+    with open(GSM8K / "train.jsonl") as fh:
+        return [json.loads(line)["question"] for _, line in zip(range(n), fh, strict=False)]
+
+
+def edited_copy_scores(near: dict[str, Any], backend: str = "numpy", originals: int = 2000,
+                       copies: int = 300) -> tuple[float, float]:
+    """(recall: copies clustered with their original, pairwise precision) on GSM8K questions
+    plus seeded light edits of some of them."""
+    questions = gsm8k_questions(originals)
+    rng = random.Random(16)
+    texts, truth = list(questions), list(range(originals))
+    for k in rng.sample(range(originals), copies):
+        texts.append(light_edit(questions[k], rng).text)
+        truth.append(k)
+    labels = near_duplicate_clusters(texts, near["threshold"], near["num_perm"], near["ngram"],
+                                     backend=backend)
+    recall = np.mean([labels[i] == labels[truth[i]] for i in range(originals, len(texts))])
+    pairs = sum(n * (n - 1) // 2 for n in Counter(labels).values())
+    right = sum(n * (n - 1) // 2 for n in Counter(zip(labels, truth, strict=True)).values())
+    return float(recall), right / pairs if pairs else 1.0
+
+
+@pytest.mark.skipif(GSM8K is None, reason="GSM8K jsonl files not found")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edited_gsm8k_copies_are_found_with_the_proposed_defaults(backend: str) -> None:
+    recall, precision = edited_copy_scores(PROPOSED_NEAR, backend)
+    assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+
+
+@pytest.mark.skipif(GSM8K is None, reason="GSM8K jsonl files not found")
+def test_edited_copy_scores_fail_too_strict_and_too_loose_settings() -> None:
+    recall, precision = edited_copy_scores(PREVIOUS_NEAR)  # 5-grams at 0.8: misses most copies
+    assert recall < 0.6 and precision >= 0.95, (recall, precision)
+    recall, precision = edited_copy_scores({"ngram": 1, "threshold": 0.4, "num_perm": 128})
+    assert recall >= 0.95 and precision < 0.8, (recall, precision)  # word sets: merges problems
 
 
 def scored(rid: str, text: str, verified: bool | None, judge: float | None = None

@@ -153,7 +153,7 @@ def test_instructions_recipe_end_to_end(fake_server: FakeServer, tmp_path: Path)
     run_dir = tmp_path / "run"
     args = ["--run-dir", str(run_dir),
             "--set", f"teacher.base_url={fake_server.url}",
-            "--set", "teacher.api_key_env=DISTILL_TEST_NO_KEY",
+            "--set", "teacher.api_key_env=null",  # a local server needs no key
             "--set", "teacher.max_concurrency=4",
             "--set", "generate.self_instruct.num_instructions=10",
             "--set", "generate.self_instruct.instructions_per_prompt=4",

@@ -137,7 +137,7 @@ def kd_project(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> 
     root = tmp_path_factory.mktemp("kd-project")
     for d in ("pipelines", "prompts", "data"):
         (root / d).mkdir()
-    (root / "prompts" / "cot.j2").write_text((ROOT / "prompts" / "cot.j2").read_text())
+    (root / "prompts" / "cot.j2").write_text((ROOT / "src" / "distill" / "prompts" / "cot.j2").read_text())
     (root / "data" / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n" for s in MICRO_SEEDS))
     (root / "pipelines" / "kd.yaml").write_text(f"""
 name: kd

@@ -160,7 +160,7 @@ def test_gsm8k_recipe_end_to_end(fake_server: FakeServer, tmp_path: Path,
     run_dir = tmp_path / "run"
     overrides = {
         "seeds.path": str(seed_file),
-        "teacher.base_url": fake_server.url, "teacher.api_key_env": "DISTILL_TEST_NO_KEY",
+        "teacher.base_url": fake_server.url, "teacher.api_key_env": "null",
         "teacher.max_concurrency": 4, "generate.adaptive.max_samples": 8,
         "train.student": '""', "train.student_config": TINY_STUDENT,
         "train.tokenizer": str(gsm8k_tokenizer), "train.lora.r": 4, "train.lora.alpha": 8,

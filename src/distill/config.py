@@ -6,11 +6,19 @@ Unknown keys are errors, not ignored: a typo in a $2,000 generation job must fai
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -19,6 +27,16 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _switch(value: Any) -> Any:
+    """`true` turns an optional section on with its defaults, `false` turns it off: users write
+    `verify: true` / `dedup: {near: true}` and expect that to work."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
 
 
 class TaskSource(Strict):
@@ -111,7 +129,7 @@ class GenerateConfig(Strict):
     source: str | None = None
     """Bring your own generations: a jsonl/parquet file in the generation schema, used instead of
     calling a teacher (rows need at least question and response; the rest is derived)."""
-    prompt: str = "prompts/cot.j2"
+    prompt: str = "cot"
     """Template of the teacher's prompt: the question (cot) or the instruction to answer
     (instruct; variables instruction, input, question)."""
     system_prompt: str | None = None
@@ -166,7 +184,7 @@ class SelfInstructConfig(Strict):
     seed_tasks: str | None = None
     """jsonl of hand-written tasks {instruction, input?, output?} (default: seeds.path, read with
     seeds.question_field as the instruction)."""
-    prompt: str = "prompts/self_instruct.j2"
+    prompt: str = "self_instruct"
     """Proposal template; variables: examples (list of {instruction, input, output}), num."""
     answer_prompt: str | None = None
     """Template used to answer each instruction (default: generate.prompt)."""
@@ -196,13 +214,14 @@ class SelfInstructConfig(Strict):
     num_perm: int = Field(128, ge=16)
     min_words: int = Field(3, ge=1)
     max_words: int = Field(150, ge=1)
-    evolve_prompt: str = "prompts/evolve.j2"
+    evolve_prompt: str = "evolve"
     """Evol-instruct template; variables: instruction, method."""
     evolve_rounds: int = Field(0, ge=0)
     """Times each instruction is rewritten to be harder (0: no evolution)."""
     evolve_methods: list[EvolveMethod] = Field(default_factory=lambda: list(_IN_DEPTH))
-    """Rewrites to draw from, one per instruction and round (see prompts/evolve.j2): evol-instruct's
-    in-depth methods by default; "breadth" writes a new instruction in the same domain."""
+    """Rewrites to draw from, one per instruction and round (see the built-in `evolve`
+    template): evol-instruct's in-depth methods by default; "breadth" writes a new instruction
+    in the same domain."""
     evolve_keep_original: bool = False
     """Answer every intermediate version too, not only the last one."""
 
@@ -210,13 +229,17 @@ class SelfInstructConfig(Strict):
 class NearDedupConfig(Strict):
     """Near-duplicates: MinHash LSH over word n-gram shingles of the normalized text."""
 
-    threshold: float = Field(0.8, gt=0, le=1)
-    """Jaccard similarity of the shingle sets (estimated) at or above which rows are duplicates."""
+    threshold: float = Field(0.55, gt=0, le=1)
+    """Jaccard similarity of the shingle sets (estimated) at or above which rows are duplicates.
+    With word bigrams, 0.55 finds 0.99 of lightly edited GSM8K question copies (1-3 dropped,
+    inserted, re-cased or swapped words, punctuation) at 0.99 pairwise precision; 5-grams at 0.8
+    found 0.38 (`python benchmarks/dedup.py quality`)."""
     num_perm: int = Field(128, ge=16)
     """MinHash permutations: more is a sharper estimate and a slower pass."""
-    ngram: int = Field(5, ge=1)
-    """Words per shingle. Short texts (questions, short rationales) want 3: one changed word
-    then leaves most 3-grams intact, while it touches five 5-grams."""
+    ngram: int = Field(2, ge=1)
+    """Words per shingle (of the normalized text: case and punctuation dropped). One dropped or
+    inserted word touches two bigrams but five 5-grams, so short texts (questions) need small n;
+    long whole examples (field "response") may prefer 3-5 with a higher threshold."""
     backend: Literal["numpy", "datasketch"] = "numpy"
     """numpy: our vectorized MinHash + banded LSH; datasketch: its MinHash + MinHashLSH (the
     reference; `benchmarks/dedup.py` measures both)."""
@@ -246,6 +269,8 @@ class DedupConfig(Strict):
     field: Literal["question", "response"] = "response"
     """What is compared: "response" is the whole example (question + response), "question" the
     question alone (then samples of one seed are duplicates of each other)."""
+
+    _on_off = field_validator("near", "semantic", mode="before")(_switch)
 
 
 class VerifyConfig(Strict):
@@ -282,7 +307,7 @@ class ConsistencyConfig(Strict):
 class JudgeConfig(Strict):
     """LLM-as-judge: a rubric prompt scores each row; rows below `threshold` are dropped."""
 
-    prompt: str = "prompts/judge.j2"
+    prompt: str = "judge"
     """Jinja2 template; variables: question, response, gold (None when unknown)."""
     threshold: float = Field(7.0)
     """Minimum score, on the `scale` below (scores given on another scale are rescaled)."""
@@ -311,9 +336,11 @@ class DecontamConfig(Strict):
 
     against: list[str] = Field(default_factory=list)
     """Evaluation files (jsonl or json list of objects)."""
-    ngram: int = Field(8, ge=1)
-    """Words per n-gram (normalized: case and punctuation dropped). 8 catches paraphrased copies
-    but also stock phrases ("what is the sum of the ages of"); 13 is the stricter classic."""
+    ngram: int = Field(10, ge=1)
+    """Words per n-gram (normalized: case and punctuation dropped). 10 flags 0.15% of GSM8K train
+    against GSM8K test (mostly template siblings) and catches 99% of lightly edited test questions;
+    8 also flags stock phrases ("what is the sum of the ages of": 1.3% of train); 13, the stricter
+    classic, catches 97% (`python benchmarks/dedup.py quality`)."""
     field: str = "question"
     """Field of an evaluation item holding its text."""
     check_responses: bool = False
@@ -328,6 +355,9 @@ class FilterConfig(Strict):
     decontaminate: DecontamConfig | None = None
     max_per_seed: int | None = Field(None, ge=1)
     """Keep at most this many rows per seed (the best-scored first)."""
+
+    _on_off = field_validator("verify", "consistency", "judge", "heuristics", "dedup",
+                              mode="before")(_switch)
 
 
 class LoraConfig(Strict):
@@ -528,8 +558,19 @@ class PipelineConfig(Strict):
     """Directory that relative paths resolve against (default: the pipeline file's project)."""
 
     def resolve(self, path: str | Path) -> Path:
+        """A path relative to `root`; a template field may also name a built-in template
+        (`cot`, `judge`, ...: `distill.prompts`), used when no such file exists under `root`."""
         p = Path(path)
-        return p if p.is_absolute() else Path(self.root) / p
+        if p.is_absolute():
+            return p
+        local = Path(self.root) / p
+        if not local.exists():
+            from distill.prompts import builtin_template
+
+            builtin = builtin_template(str(path))
+            if builtin is not None:
+                return builtin
+        return local
 
     def section_dict(self, *names: str) -> dict[str, Any]:
         data = self.model_dump(mode="json")
@@ -594,7 +635,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
         raise ConfigError(f"{path}: {field}: {msg}") from None
-    check_files(cfg, path)
+    check_files(cfg, cfg.stages, str(path))
     _resolve_model_paths(cfg)
     return cfg
 
@@ -611,26 +652,64 @@ def _resolve_model_paths(cfg: PipelineConfig) -> None:
         cfg.filter.judge.teacher.model = fix(cfg.filter.judge.teacher.model) or ""
 
 
-def check_files(cfg: PipelineConfig, path: Path) -> None:
-    """Missing files are bad input: name the field before any work starts."""
-    checks: list[tuple[str, str | None]] = [
-        ("seeds.path", cfg.seeds.path),
-        ("generate.prompt", cfg.generate.prompt),
-        ("generate.source", cfg.generate.source),
-        ("evaluate.dataset", cfg.evaluate.dataset if cfg.evaluate else None),
-    ]
-    if cfg.filter.judge:
-        checks.append(("filter.judge.prompt", cfg.filter.judge.prompt))
-    if cfg.filter.decontaminate:
-        for i, p in enumerate(cfg.filter.decontaminate.against):
-            checks.append((f"filter.decontaminate.against.{i}", p))
-    if cfg.generate.task == "instruct":
-        si = cfg.generate.self_instruct or SelfInstructConfig()
-        checks += [("generate.self_instruct.seed_tasks", si.seed_tasks),
-                   ("generate.self_instruct.prompt", si.prompt),
-                   ("generate.self_instruct.answer_prompt", si.answer_prompt)]
-        if si.evolve_rounds:
-            checks.append(("generate.self_instruct.evolve_prompt", si.evolve_prompt))
-    for field, value in checks:
-        if value and not cfg.resolve(value).exists():
-            raise ConfigError(f"{path}: {field}: file not found: {value}")
+def stage_files(stage: str, cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(field, path) of every file `stage` reads that the user names in the pipeline file."""
+    g, f, e = cfg.generate, cfg.filter, cfg.evaluate
+    files: list[tuple[str, str | None]] = []
+    if stage == "generate":
+        files += [("seeds.path", cfg.seeds.path), ("generate.source", g.source)]
+        if not g.source:
+            files.append(("generate.prompt", g.prompt))
+        if g.task == "instruct" and not g.source:
+            si = g.self_instruct or SelfInstructConfig()
+            files += [("generate.self_instruct.seed_tasks", si.seed_tasks),
+                      ("generate.self_instruct.prompt", si.prompt),
+                      ("generate.self_instruct.answer_prompt", si.answer_prompt)]
+            if si.evolve_rounds:
+                files.append(("generate.self_instruct.evolve_prompt", si.evolve_prompt))
+    elif stage == "filter":
+        if f.judge is not None:
+            files.append(("filter.judge.prompt", f.judge.prompt))
+        if f.decontaminate is not None:
+            files += [(f"filter.decontaminate.against.{i}", p)
+                      for i, p in enumerate(f.decontaminate.against)]
+    elif stage == "train":
+        if cfg.train.dev is not None:
+            files.append(("train.dev.dataset", cfg.train.dev.dataset))
+    elif stage in ("evaluate", "export"):
+        # Both put held-out questions to models through the generation prompt.
+        files += [("generate.prompt", g.prompt), ("evaluate.dataset", e.dataset if e else None)]
+    else:
+        raise ValueError(stage)
+    return [(field, path) for field, path in files if path]
+
+
+def check_files(cfg: PipelineConfig, stages: Iterable[str], where: str) -> None:
+    """Every named file exists; seed and generation files hold at least one row."""
+    seen: set[str] = set()
+    for stage in stages:
+        for field, value in stage_files(stage, cfg):
+            if field in seen:
+                continue
+            seen.add(field)
+            path = cfg.resolve(value)
+            if not path.exists():
+                raise ConfigError(f"{where}: {field}: file not found: {value}")
+            if field in ("seeds.path", "generate.source") and _is_empty(path):
+                raise ConfigError(f"{value}: {field}: the file holds no rows (expected at least "
+                                  "one); nothing was run")
+
+
+def _is_empty(path: Path) -> bool:
+    """No row at all (cheap: a jsonl is read up to its first non-blank line)."""
+    if path.is_dir():
+        return not any(path.iterdir())
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return not any(line.strip() for line in fh)
+    if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        return text in ("", "[]", "{}")
+    return path.stat().st_size == 0
+
+

@@ -8,6 +8,7 @@ from typing import Any
 
 from datasets import Dataset, load_from_disk
 
+from distill.config import ConfigError
 from distill.records import atomic_path, dumps, loads, read_jsonl, write_jsonl
 
 # Columns whose shape varies row to row (Arrow wants one type per column): stored as JSON text in
@@ -36,8 +37,12 @@ def from_dataset(ds: Dataset) -> list[dict[str, Any]]:
 
 
 def write_stage(stage_dir: Path, rows: list[dict[str, Any]], jsonl_name: str,
-                extra: dict[str, Any] | None = None) -> Dataset:
-    """Replace `stage_dir` in one rename with {dataset/, jsonl_name, extra files}."""
+                extra: dict[str, Any] | None = None, allow_empty: bool = False) -> Dataset:
+    """Replace `stage_dir` in one rename with {dataset/, jsonl_name, extra files}. No rows is an
+    error unless `allow_empty`: an empty stage never replaces a good output."""
+    if not rows and not allow_empty:
+        raise ConfigError(f"{stage_dir}: the stage produced no rows; the previous output (if "
+                          "any) is kept")
     ds = to_dataset(rows)
     with atomic_path(stage_dir) as tmp:
         tmp.mkdir(parents=True)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from distill.config import ConfigError, PipelineConfig
+from distill.config import ConfigError, PipelineConfig, stage_files
 from distill.records import RunDir, atomic_path, file_fingerprint, fingerprint, now, write_json
 
 STAGES = ("generate", "filter", "train", "evaluate", "export")
@@ -48,29 +48,25 @@ def _file_fp(path: Path) -> str:
 
 
 def input_fingerprint(stage: str, cfg: PipelineConfig, run: RunDir) -> str:
+    """What a stage's output depends on: its config, the contents of the files it reads
+    (`stage_files`, the list the up-front checks use too) and the previous stage's output."""
     d = cfg.model_dump(mode="json")
+    files = [_file_fp(cfg.resolve(path)) for _, path in stage_files(stage, cfg)]
     if stage == "generate":
-        files = [cfg.generate.prompt, cfg.seeds.path, cfg.generate.source]
-        si = cfg.generate.self_instruct
-        if si is not None:
-            files += [si.prompt, si.seed_tasks, si.answer_prompt, si.evolve_prompt]
         return fingerprint(stage, d["seeds"], d["generate"], _teacher_identity(cfg), d["seed"],
-                           [_file_fp(cfg.resolve(f)) for f in files if f])
+                           files)
     if stage == "filter":
-        extra = [cfg.filter.judge.prompt] if cfg.filter.judge else []
-        if cfg.filter.decontaminate:
-            extra += cfg.filter.decontaminate.against
         return fingerprint(stage, d["filter"], _file_fp(run.stage("generate") /
-                                                        "generations.jsonl"),
-                           [_file_fp(cfg.resolve(f)) for f in extra])
+                                                        "generations.jsonl"), files)
     if stage == "train":
-        return fingerprint(stage, d["train"], d["seed"], _file_fp(run.stage("sft") / "sft.jsonl"))
+        return fingerprint(stage, d["train"], d["seed"], _file_fp(run.stage("sft") / "sft.jsonl"),
+                           files)
     if stage == "evaluate":
         return fingerprint(stage, d["evaluate"], _teacher_identity(cfg), d["train"],
-                           d["generate"]["prompt"],
+                           d["generate"]["prompt"], files,
                            [_dir_signature(p) for p in sorted(run.root.glob("student*"))])
     if stage == "export":
-        return fingerprint(stage, d["export"], d["evaluate"],
+        return fingerprint(stage, d["export"], d["evaluate"], files,
                            _dir_signature(run.stage("student")),
                            _file_fp(run.stage("sft") / "sft.jsonl"))  # pruning recovers on sft/
     raise ValueError(stage)
@@ -117,15 +113,36 @@ def run_stage(stage: str, cfg: PipelineConfig, run: RunDir, *, force: bool = Fal
                                seconds=round(time.perf_counter() - t0, 2), **result)
 
 
+def pending_stages(cfg: PipelineConfig, run: RunDir, stages: list[str], force: bool
+                   ) -> list[str]:
+    """The stages that will run: from the first one not up to date on (a stage that reruns
+    changes what the later ones read)."""
+    if force or not run.manifest_path.exists():
+        return list(stages)
+    done = run.manifest()["stages"]
+    for i, stage in enumerate(stages):
+        entry = done.get(stage, {})
+        if entry.get("status") != "done" or entry.get("input_fingerprint") != \
+                input_fingerprint(stage, cfg, run):
+            return list(stages[i:])
+    return []
+
+
 def run_pipeline(cfg: PipelineConfig, run: RunDir, stages: list[str] | None = None,
-                 force: bool = False) -> dict[str, Any]:
+                 force: bool = False, where: str = "pipeline") -> dict[str, Any]:
+    """Run `stages` (default: the config's). Bad input found up front (`distill.preflight`)
+    raises ConfigError before the run directory is touched."""
+    from distill.preflight import preflight
+
+    stages = list(stages or cfg.stages)
+    preflight(cfg, pending_stages(cfg, run, stages, force), where)
     run.root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, run)
     m = run.manifest()
     if m.get("name") != cfg.name:
         m["name"] = cfg.name
         write_json(run.manifest_path, m)
-    for stage in stages or cfg.stages:
+    for stage in stages:
         run_stage(stage, cfg, run, force=force)
     from distill.evaluate.report import write_report
 

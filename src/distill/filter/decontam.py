@@ -4,6 +4,11 @@ Texts are compared normalized (unicode form, case, punctuation dropped), so "How
 and "how many APPLES" are one n-gram. An evaluation item shorter than `ngram` words is matched
 whole. Each hit is reported with the item it matched:
 row["scores"]["contamination"] = {"eval_file", "eval_index", "ngram", "field"}.
+
+n = 10 (`python benchmarks/dedup.py quality`) flags 0.15% of GSM8K train against GSM8K test
+(template siblings such as "A train travels 270 miles in 3 hours. At the same rate..." and a few
+stock phrases) and catches 99.4% of lightly edited test questions; 8 flags 1.3% (stock phrases
+such as "what is the sum of the ages of"), 13 catches 97%.
 """
 
 from __future__ import annotations

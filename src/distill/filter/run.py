@@ -23,7 +23,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     kept = [r for r in filtered if r["keep"]]
     sft = sft_rows(kept)
     write_stage(run_dir.stage("sft"), sft, "sft.jsonl",
-                {"README.md": dataset_card(cfg, funnel, len(sft))})
+                {"README.md": dataset_card(cfg, funnel, len(sft))}, allow_empty=True)
     from distill.formats import write_formats  # parquet, prompt/completion, alpaca
 
     formats = write_formats(run_dir.stage("sft"), sft)
