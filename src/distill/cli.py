@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from distill.config import ConfigError, PipelineConfig, load_config
+from distill.config import ConfigError, PipelineConfig
 from distill.records import RunDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,13 +33,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun finished stages t
 def _fail(code: int, message: str) -> None:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _setup(pipeline: Path, overrides: list[str] | None, run_dir: Path | None
-           ) -> tuple[PipelineConfig, RunDir]:
-    cfg = load_config(pipeline, overrides or [])
-    root = run_dir or Path("runs") / cfg.name
-    return cfg, RunDir(root)
 
 
 def _dry_run(cfg: PipelineConfig) -> None:
@@ -115,14 +108,15 @@ def _summary(manifest: dict[str, Any], run: RunDir) -> None:
 
 def _execute(pipeline: Path, overrides: list[str] | None, run_dir: Path | None, dry_run: bool,
              stages: list[str] | None, force: bool) -> None:
-    from distill.pipeline import run_pipeline
+    from distill.api import Pipeline
 
     try:
-        cfg, run = _setup(pipeline, overrides, run_dir)
+        p = Pipeline.from_yaml(pipeline, overrides, run_dir)
+        cfg, run = p.config, p.run_dir
         if dry_run:
             _dry_run(cfg)
             return
-        manifest = run_pipeline(cfg, run, stages=stages, force=force)
+        manifest = p.run(stages=stages, force=force)
     except ConfigError as err:
         _fail(2, str(err))
     except KeyboardInterrupt:
@@ -153,6 +147,42 @@ def _stage_command(stage: str) -> None:
 
 for _stage in ("generate", "filter", "train", "evaluate", "export"):
     _stage_command(_stage)
+
+
+@app.callback()
+def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show third-party "
+                                                  "progress bars and logs too")] = False
+            ) -> None:
+    import os
+
+    from distill.quiet import quiet_third_party
+
+    if verbose:
+        os.environ["DISTILL_VERBOSE"] = "1"
+    else:
+        quiet_third_party()
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Where to write (created if needed)")]
+         = Path("."),
+         recipe: Annotated[str, typer.Option("--recipe", help="cot | cot-local | instruct")]
+         = "cot",
+         prompts: Annotated[bool, typer.Option("--prompts", help="Also copy the built-in "
+                                               "templates into DIRECTORY/prompts to edit")]
+         = False,
+         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing "
+                                             "pipeline.yaml")] = False) -> None:
+    """Write a commented starter pipeline (and example data) into DIRECTORY."""
+    from distill.init import init_project
+
+    try:
+        written = init_project(directory, recipe, prompts=prompts, force=force)
+    except ConfigError as err:
+        _fail(2, str(err))
+    for path in written:
+        out.print(f"wrote {path}", highlight=False)
+    out.print(f"next: distill run {written[0]} --dry-run", highlight=False)
 
 
 @app.command()

@@ -636,11 +636,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
             msg = "unknown key"
         raise ConfigError(f"{path}: {field}: {msg}") from None
     check_files(cfg, cfg.stages, str(path))
-    _resolve_model_paths(cfg)
+    resolve_model_paths(cfg)
     return cfg
 
 
-def _resolve_model_paths(cfg: PipelineConfig) -> None:
+def resolve_model_paths(cfg: PipelineConfig) -> None:
     """Model directories given relative to the project become absolute; hub ids stay as they are."""
     def fix(name: str | None) -> str | None:
         return str(cfg.resolve(name).resolve()) if name and cfg.resolve(name).is_dir() else name
