@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_pipelines_validate(path: Path) -> None:
+    if "gsm8k_generations.py" in path.read_text():  # its documented first step
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "gsm8k_generations.py")],
+                       check=True, capture_output=True)
     cfg = load_config(path)
     assert cfg.name and cfg.stages
 

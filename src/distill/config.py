@@ -128,7 +128,9 @@ class GenerateConfig(Strict):
     self-instruct new instructions from seed tasks, then answer them (`self_instruct`)."""
     source: str | None = None
     """Bring your own generations: a jsonl/parquet file in the generation schema, used instead of
-    calling a teacher (rows need at least question and response; the rest is derived)."""
+    calling a teacher (rows need at least question and response; the rest is derived). Rows
+    without `messages` get the prompt `prompt` renders for their question, the one evaluate
+    puts to the student."""
     prompt: str = "cot"
     """Template of the teacher's prompt: the question (cot) or the instruction to answer
     (instruct; variables instruction, input, question)."""
