@@ -8,6 +8,7 @@ import pytest
 from tests.tiny import make_tiny_lm, make_tokenizer, overfit
 
 ROOT = Path(__file__).resolve().parents[1]
+COT_TEMPLATE = ROOT / "src" / "distill" / "prompts" / "cot.j2"
 
 MICRO_SEEDS = [
     {"id": f"q{i}", "question": f"Tom has {a} apples and buys {b} more. How many apples now?",
@@ -44,7 +45,7 @@ def micro_pipeline(tmp_path: Path, tiny_teacher: Path) -> Path:
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "prompts").mkdir()
     (tmp_path / "data").mkdir()
-    (tmp_path / "prompts" / "cot.j2").write_text((ROOT / "src" / "distill" / "prompts" / "cot.j2").read_text())
+    (tmp_path / "prompts" / "cot.j2").write_text(COT_TEMPLATE.read_text())
     with open(tmp_path / "data" / "seeds.jsonl", "w") as fh:
         for s in MICRO_SEEDS:
             fh.write(json.dumps(s) + "\n")

@@ -17,7 +17,7 @@ from distill.cli import app
 from distill.config import ConfigError, load_config
 from distill.export.merge import TorchRunner, load_torch_model
 from distill.export.runtime import FORMATS, load_runner, load_tokenizer_dir, stop_ids
-from tests.conftest import MICRO_SEEDS, ROOT, micro_solution
+from tests.conftest import COT_TEMPLATE, MICRO_SEEDS, micro_solution
 from tests.tiny import make_tokenizer
 
 runner = CliRunner()
@@ -53,7 +53,7 @@ def _project(root: Path, teacher: Path, formats: list[str], extra: str = "") -> 
     (root / "pipelines").mkdir(parents=True, exist_ok=True)
     (root / "prompts").mkdir(exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
-    (root / "prompts" / "cot.j2").write_text((ROOT / "src" / "distill" / "prompts" / "cot.j2").read_text())
+    (root / "prompts" / "cot.j2").write_text(COT_TEMPLATE.read_text())
     (root / "data" / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n"
                                                        for s in MICRO_SEEDS))
     path = root / "pipelines" / "export.yaml"

@@ -12,7 +12,7 @@ import pytest
 from distill.config import ConfigError, PipelineConfig, load_config
 from distill.records import RunDir
 from distill.train.losses import Divergence
-from tests.conftest import MICRO_SEEDS, ROOT, micro_solution
+from tests.conftest import COT_TEMPLATE, MICRO_SEEDS, micro_solution
 from tests.tiny import make_tokenizer
 
 # --- the loss, by hand --------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def kd_project(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> 
     root = tmp_path_factory.mktemp("kd-project")
     for d in ("pipelines", "prompts", "data"):
         (root / d).mkdir()
-    (root / "prompts" / "cot.j2").write_text((ROOT / "src" / "distill" / "prompts" / "cot.j2").read_text())
+    (root / "prompts" / "cot.j2").write_text(COT_TEMPLATE.read_text())
     (root / "data" / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n" for s in MICRO_SEEDS))
     (root / "pipelines" / "kd.yaml").write_text(f"""
 name: kd

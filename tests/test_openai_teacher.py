@@ -35,7 +35,7 @@ from fakeserver import (  # noqa: E402
     per_prompt,
 )
 
-from distill.config import ConfigError, TeacherConfig  # noqa: E402
+from distill.config import ConfigError, PipelineConfig, TeacherConfig  # noqa: E402
 from distill.teachers import make_teacher  # noqa: E402
 from distill.teachers.base import Completion, Job, SamplingParams  # noqa: E402
 from distill.teachers.cache import ResponseCache  # noqa: E402
@@ -704,3 +704,145 @@ def test_dropped_responses_are_cached_and_not_paid_twice(fake_server: FakeServer
     cache.close()
     assert stats.sent == 0 and fake_server.chat_count == sent
     assert {k: c.error for k, c in again.items()} == {k: c.error for k, c in first.items()}
+
+
+# what a server ignores -----------------------------------------------------------------------
+def like_transformers_serve(req: Request) -> Reply:
+    """Ignores `n`, `logprobs` and `top_logprobs` and answers 200, as `transformers serve` does:
+    one choice and no `logprobs` key at all."""
+    body = chat_body(req, n=1)
+    for choice in body["choices"]:
+        del choice["logprobs"]
+    return Reply(body=body)
+
+
+def test_server_ignoring_n_loses_no_sample_without_retries(fake_server: FakeServer) -> None:
+    """One choice for n = 3 is progress, not a failed attempt: max_retries 0 still gets all."""
+    fake_server.handler = lambda req: Reply(body=chat_body(req, n=1))
+    teacher = fast_teacher(teacher_cfg(fake_server.url, max_retries=0, max_concurrency=1))
+    jobs = make_jobs(2, samples=3)
+    results, _ = run(teacher, jobs)
+    assert_all_ok(results, jobs)
+    assert not teacher.n_supported and fake_server.chat_count == 6
+    assert len({results[("q0", s)].text for s in range(3)}) == 3  # one seed per sample
+
+
+def test_server_ignoring_logprobs_is_counted_and_warned(
+        fake_server: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    fake_server.handler = like_transformers_serve
+    teacher = fast_teacher(teacher_cfg(fake_server.url))
+    jobs = make_jobs(3, samples=2, top_logprobs=5)
+    with caplog.at_level(logging.WARNING, logger="distill.teachers.openai_backend"):
+        results, _ = run(teacher, jobs)
+    assert_all_ok(results, jobs)  # the text is fine, it is kept
+    assert all(c.top_logprobs is None for c in results.values())
+    assert teacher.logprobs_missing == 6 and fake_server.chat_count == 6
+    warned = [r for r in caplog.records if "returned no logprobs" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert fake_server.chat_requests()[0].body["logprobs"] is True
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_missing_logprobs_stop_new_requests_when_required(fake_server: FakeServer,
+                                                          concurrency: int) -> None:
+    fake_server.handler = like_transformers_serve
+    teacher = fast_teacher(teacher_cfg(fake_server.url, max_concurrency=concurrency),
+                           require_logprobs=True)
+    jobs = make_jobs(20, top_logprobs=5)
+    results, _ = run(teacher, jobs)
+    assert len(results) == 20
+    # Only the requests on the wire when the first answer arrived were sent.
+    assert 1 <= fake_server.chat_count <= concurrency
+    answered = [c for c in results.values() if not c.error]
+    assert len(answered) == fake_server.chat_count
+    assert all(c.top_logprobs is None for c in answered)
+    stopped = [c.error for c in results.values() if c.error]
+    assert stopped and all(e.startswith("not sent: teacher.top_logprobs") for e in stopped)
+    sent = fake_server.chat_count
+    run(teacher, make_jobs(20, top_logprobs=5, prefix="r"))  # the same teacher, again
+    assert 1 <= fake_server.chat_count - sent <= concurrency
+    assert teacher.logprobs_missing == fake_server.chat_count
+
+
+def test_cached_answers_without_logprobs_are_sent_again_when_needed(
+        fake_server: FakeServer, tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    jobs = make_jobs(2, top_logprobs=3)
+    fake_server.handler = like_transformers_serve
+    run_jobs(fast_teacher(teacher_cfg(fake_server.url)), jobs, cache, show_progress=False)
+    fake_server.handler = lambda req: Reply(body=chat_body(req, texts=["a b"] * req.n))
+    reused, stats = run_jobs(fast_teacher(teacher_cfg(fake_server.url)), jobs, cache,
+                             show_progress=False)
+    assert stats.cached == 2 and fake_server.chat_count == 2
+    assert all(c.top_logprobs is None for c in reused.values())
+    fresh, stats = run_jobs(fast_teacher(teacher_cfg(fake_server.url)), jobs, cache,
+                            show_progress=False, need_logprobs=True)
+    assert stats.cached == 0 and fake_server.chat_count == 4
+    assert all(c.top_logprobs for c in fresh.values())
+    _, stats = run_jobs(fast_teacher(teacher_cfg(fake_server.url)), jobs, cache,
+                        show_progress=False, need_logprobs=True)
+    cache.close()
+    assert stats.cached == 2 and fake_server.chat_count == 4  # the fresh ones were cached
+
+
+# the generate stage on a server that drops logprobs ------------------------------------------
+def stage_config(tmp_path: Path, url: str, **train: Any) -> PipelineConfig:
+    """A cot pipeline: 12 seeds x 2 samples from `url` with top-5 logprobs, training `train`."""
+    (tmp_path / "seeds.jsonl").write_text("".join(
+        f'{{"id": "s{i}", "question": "What is {i} + 1?", "answer": "{i + 1}"}}\n'
+        for i in range(12)))
+    (tmp_path / "p.j2").write_text("{{ question }}")
+    return PipelineConfig.model_validate({
+        "name": "soft", "root": str(tmp_path), "seeds": {"path": "seeds.jsonl"},
+        "teacher": {"backend": "openai", "model": "fake-model", "base_url": url,
+                    "api_key_env": KEY_ENV, "max_concurrency": 2, "timeout_s": 5.0,
+                    "top_logprobs": 5},
+        "generate": {"prompt": "p.j2", "max_tokens": 16, "samples_per_prompt": 2},
+        "train": train,
+    })
+
+
+@pytest.mark.parametrize("train", [{"method": "kd"}, {"method": "sft", "also": ["kd"]},
+                                   {"method": "kd", "kd": {"soft_targets": "stored"}}])
+def test_generate_fails_fast_when_kd_needs_the_missing_logprobs(
+        fake_server: FakeServer, tmp_path: Path, train: dict[str, Any]) -> None:
+    from distill.pipeline import run_stage
+    from distill.records import RunDir
+
+    fake_server.handler = like_transformers_serve
+    cfg = stage_config(tmp_path, fake_server.url, **train)
+    run_dir = RunDir(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^teacher\.top_logprobs: 5, but the openai teacher "
+                                          r"at http://127\.0\.0\.1:\d+/v1 returned no logprobs"):
+        run_stage("generate", cfg, run_dir)
+    assert 1 <= fake_server.chat_count <= 2  # 12 prompts x 2 samples wanted, stopped at once
+    assert run_dir.manifest()["stages"]["generate"]["status"] == "failed"
+    assert not (run_dir.stage("generate") / "generations.jsonl").exists()
+
+
+@pytest.mark.parametrize("train", [{"method": "sft"}, {"method": "gkd"},
+                                   {"method": "kd", "kd": {"soft_targets": "teacher"}},
+                                   {"method": "kd", "kd": {"teacher_model": "local/teacher"}}])
+def test_generate_records_missing_logprobs_when_training_does_not_need_them(
+        fake_server: FakeServer, tmp_path: Path, train: dict[str, Any]) -> None:
+    from distill.pipeline import run_stage
+    from distill.records import RunDir
+
+    fake_server.handler = like_transformers_serve
+    cfg = stage_config(tmp_path, fake_server.url, **train)
+    entry = run_stage("generate", cfg, RunDir(tmp_path / "run"))
+    assert entry["status"] == "done" and entry["errors"] == 0 and entry["rows"] == 24
+    assert entry["soft_targets"] == "missing: server returned no logprobs"
+    assert entry["soft_targets_missing"] == "24 of 24"
+
+
+def test_generate_records_soft_targets_that_arrived(fake_server: FakeServer,
+                                                    tmp_path: Path) -> None:
+    from distill.pipeline import run_stage
+    from distill.records import RunDir
+
+    fake_server.handler = lambda req: Reply(body=chat_body(req, texts=["1 + 1 = 2"] * req.n))
+    entry = run_stage("generate", stage_config(tmp_path, fake_server.url, method="kd"),
+                      RunDir(tmp_path / "run"))
+    assert entry["status"] == "done" and entry["soft_targets"] == "top-5 logprobs"
+    assert "soft_targets_missing" not in entry

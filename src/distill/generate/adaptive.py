@@ -23,6 +23,7 @@ from typing import Any
 
 from distill.config import AdaptiveConfig, PipelineConfig, VerifyConfig
 from distill.filter.verify import answers_match, verify_row
+from distill.generate import soft_targets
 from distill.generate.cot import generation_row, sampling_params
 from distill.generate.templates import chat_messages
 from distill.records import RunDir
@@ -76,7 +77,7 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
     rows: list[dict[str, Any]] = []
     per_round: list[dict[str, Any]] = []
     total = EngineStats()
-    teacher = make_teacher(cfg.teacher)
+    teacher = make_teacher(cfg.teacher, **soft_targets.teacher_options(cfg))
     cache = ResponseCache(run_dir.cache)
     try:
         for r in range(a.rounds):
@@ -93,7 +94,8 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
             results, stats = run_jobs(
                 teacher, jobs, cache, price_in=cfg.teacher.price_in_per_mtok,
                 price_out=cfg.teacher.price_out_per_mtok,
-                description=f"generate (adaptive round {r + 1}/{a.rounds})")
+                description=f"generate (adaptive round {r + 1}/{a.rounds})",
+                need_logprobs=bool(soft_targets.kd_needs_stored(cfg)))
             for k in ("requested", "cached", "sent", "failed", "prompt_tokens",
                       "completion_tokens"):
                 setattr(total, k, getattr(total, k) + getattr(stats, k))
@@ -114,6 +116,7 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
                     rows.append(row)
                 if verified[job.key] >= a.k and job.key not in solved_in:
                     solved_in[job.key] = r
+            soft_targets.enforce(cfg, rows)
             per_round.append({"round": r + 1, "seeds": len(jobs),
                               "samples": sum(len(j.samples) for j in jobs), "verified": n_ok,
                               "cost_usd": round(stats.cost_usd, 6)})
@@ -121,7 +124,8 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
         cache.close()
     for row in rows:
         row["seed_samples"] = drawn[row["seed_id"]]
-    return rows, adaptive_stats(a, seeds, drawn, verified, solved_in, per_round, total)
+    stats = adaptive_stats(a, seeds, drawn, verified, solved_in, per_round, total)
+    return rows, stats | soft_targets.manifest_note(cfg, rows)
 
 
 def adaptive_stats(a: AdaptiveConfig, seeds: list[dict[str, Any]], drawn: Counter[str],

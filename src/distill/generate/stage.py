@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from distill.config import ConfigError, PipelineConfig
+from distill.generate import soft_targets
 from distill.generate.cot import build_jobs, generation_row
 from distill.generate.parse import parse_response
+from distill.generate.templates import chat_messages
 from distill.io import write_stage
 from distill.records import RunDir, empty_generation
 from distill.seeds import load_seeds, read_rows
@@ -18,6 +20,7 @@ from distill.teachers.engine import run_jobs
 def imported_generations(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Bring-your-own generations: fill the schema's derived fields, keep what the file has."""
     path = cfg.resolve(cfg.generate.source or "")
+    prompt = cfg.resolve(cfg.generate.prompt)
     out = []
     for i, r in enumerate(read_rows(path, "generate.source")):
         for f in ("question", "response"):
@@ -30,7 +33,10 @@ def imported_generations(cfg: PipelineConfig) -> list[dict[str, Any]]:
         row["sample"] = int(r.get("sample") or 0)
         row["gold"] = None if row.get("gold") is None else str(row["gold"])
         if not row.get("messages"):
-            row["messages"] = [{"role": "user", "content": row["question"]}]
+            # The prompt evaluate will put to the student (same template, same system prompt):
+            # a student trained on the bare question would be scored on another prompt.
+            row["messages"] = chat_messages(prompt, cfg.generate.system_prompt,
+                                            question=row["question"])
         if row.get("rationale") is None or row.get("answer") is None:
             parsed = parse_response(row["response"], row.get("reasoning"))
             for k, v in parsed.items():
@@ -59,16 +65,18 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         cache = ResponseCache(run_dir.cache)
         try:
             results, engine_stats = run_jobs(
-                make_teacher(cfg.teacher), jobs, cache,
+                make_teacher(cfg.teacher, **soft_targets.teacher_options(cfg)), jobs, cache,
                 price_in=cfg.teacher.price_in_per_mtok, price_out=cfg.teacher.price_out_per_mtok,
-                description="generate",
+                description="generate", need_logprobs=bool(soft_targets.kd_needs_stored(cfg)),
             )
         finally:
             cache.close()
         by_id = {s["id"]: s for s in seeds}
         rows = [generation_row(cfg, by_id[job.key], job, s, results[(job.key, s)])
                 for job in jobs for s in job.samples]
-        stats = engine_stats.as_dict() | {"seeds": len(seeds)}
+        soft_targets.enforce(cfg, rows)
+        stats = engine_stats.as_dict() | {"seeds": len(seeds)} | soft_targets.manifest_note(
+            cfg, rows)
     write_stage(run_dir.stage("generate"), rows, "generations.jsonl")
     stats.update(rows=len(rows), errors=sum(bool(r.get("error")) for r in rows),
                  prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in rows),

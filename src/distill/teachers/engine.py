@@ -62,6 +62,11 @@ def progress_info(stats: EngineStats, teacher: Any, started: float) -> str:
             f"+{stats.completion_tokens} · ${stats.cost_usd:.4f} · {stats.sent / elapsed:.1f}/s")
 
 
+def lacks_logprobs(job: Job, comp: Completion) -> bool:
+    """A good completion without the top-k logprobs its job asked for."""
+    return job.params.top_logprobs > 0 and comp.top_logprobs is None and not comp.error
+
+
 def run_jobs(
     teacher: Any,
     jobs: Sequence[Job],
@@ -71,11 +76,17 @@ def run_jobs(
     price_out: float = 0.0,
     description: str = "generate",
     show_progress: bool = True,
+    need_logprobs: bool = False,
 ) -> tuple[dict[tuple[str, int], Completion], EngineStats]:
-    """Complete every (job, sample): from the cache where possible, else from the teacher."""
+    """Complete every (job, sample): from the cache where possible, else from the teacher.
+
+    `need_logprobs`: a cached completion without the `top_logprobs` its job asks for is sent
+    again (a run that needs soft targets must not reuse answers of a server that dropped them).
+    """
     return asyncio.run(
         arun_jobs(teacher, jobs, cache, price_in=price_in, price_out=price_out,
-                  description=description, show_progress=show_progress)
+                  description=description, show_progress=show_progress,
+                  need_logprobs=need_logprobs)
     )
 
 
@@ -88,6 +99,7 @@ async def arun_jobs(
     price_out: float = 0.0,
     description: str = "generate",
     show_progress: bool = True,
+    need_logprobs: bool = False,
 ) -> tuple[dict[tuple[str, int], Completion], EngineStats]:
     stats = EngineStats()
     results: dict[tuple[str, int], Completion] = {}
@@ -103,7 +115,7 @@ async def arun_jobs(
         missing = []
         for s in job.samples:
             hit = hits.get(keys[(job.key, s)])
-            if hit is not None:
+            if hit is not None and not (need_logprobs and lacks_logprobs(job, hit)):
                 results[(job.key, s)] = hit
             else:
                 missing.append(s)

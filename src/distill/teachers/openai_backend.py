@@ -11,6 +11,14 @@ owns the retry policy, because a generation run needs more than "retry a few tim
 - `max_cost_usd` is never crossed: each request reserves its worst case before it is sent;
 - every sample ends as a `Completion`: text, or `error` saying why. Nothing is raised.
 
+What a server silently ignores (as `transformers serve` does with `n`, `logprobs` and
+`top_logprobs`, answering 200 all the same) is noticed where the response shows it: fewer choices
+than `n` asked for switch the run to one request per sample (no sample is lost, no attempt is
+charged); choices without logprobs when `top_logprobs` is set are counted in `logprobs_missing`
+and warned about once, or, with `require_logprobs` (a run whose KD training needs them), stop new
+requests after the first responses, so little is spent before the caller reports it. An ignored
+`temperature`, `top_p` or `seed` leaves no trace in a response and cannot be detected.
+
 The API key is read from the environment variable `api_key_env` names, handed to the SDK
 client and never kept on this object, written to a file or put in an error message.
 """
@@ -45,6 +53,9 @@ from distill.teachers.reasoning import normalize_message
 from distill.teachers.replicas import Replica, ReplicaPool
 
 log = logging.getLogger(__name__)
+
+NO_LOGPROBS = ("teacher.top_logprobs: the server returned no logprobs (it ignores `logprobs` / "
+               "`top_logprobs`), so these completions carry no soft targets")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LOCAL_DUMMY_KEY = "EMPTY"
@@ -136,7 +147,8 @@ class OpenAITeacher:
                  backoff_cap_s: float = 60.0, max_retry_after_s: float = 120.0,
                  replica_max_failures: int = 3, replica_cooldown_s: float = 5.0,
                  storm_threshold: int | None = None, storm_window_s: float = 2.0,
-                 max_rate_limit_retries: int | None = None) -> None:
+                 max_rate_limit_retries: int | None = None,
+                 require_logprobs: bool = False) -> None:
         if not cfg.model:
             raise ConfigError("teacher.model: empty; expected the model name the server serves")
         self.cfg = cfg
@@ -160,6 +172,10 @@ class OpenAITeacher:
              "connection_errors", "server_errors", "malformed", "empty"), 0)
         self.n_supported = True
         """Whether the server returns several choices per request (learned on the first try)."""
+        self.require_logprobs = require_logprobs
+        """Stop sending once a response comes back without the `top_logprobs` asked for."""
+        self.logprobs_missing = 0
+        """Completions returned without logprobs although `top_logprobs` asked for them."""
         self.max_tokens_field = "max_tokens"
         self._prompt_ratio = 1.0
         self._fatal: str | None = None
@@ -543,6 +559,8 @@ class OpenAITeacher:
                 comp.error = f"dropped: finish_reason={why}"
             if unit.job.params.top_logprobs > 0:
                 comp.top_logprobs = _top_logprobs(choice)
+                if comp.top_logprobs is None:
+                    self._no_logprobs()
             extra: dict[str, Any] = {}
             if unit.attempts:
                 extra["attempts"] = unit.attempts + 1
@@ -552,17 +570,37 @@ class OpenAITeacher:
             done.append((sample, comp))
         finished = {s for s, _ in done}
         unit.samples = [s for s in unit.samples if s not in finished]
-        if unit.samples:
+        if unit.samples and retry_reason:
             unit.attempts += 1
-            if retry_reason:
-                unit.reseed += 1
-                unit.last_error = f"finish_reason={retry_reason}" \
-                    if retry_reason != "empty content" else "empty content"
-            else:
-                unit.last_error = f"server returned {len(choices)} of {len(batch)} choices"
-                if len(batch) > 1 and len(choices) == 1:
-                    self.n_supported = False  # it ignores n: ask one sample at a time
+            unit.reseed += 1
+            unit.last_error = f"finish_reason={retry_reason}" \
+                if retry_reason != "empty content" else "empty content"
+        elif unit.samples:
+            # Fewer usable choices than asked. When each one became a sample that is progress,
+            # not a failed attempt (so a server that ignores n loses no sample, whatever
+            # max_retries); only a response that finished nothing counts as an attempt. One
+            # choice for n > 1 is a server that ignores n: one request per sample from now on.
+            if not done:
+                unit.attempts += 1
+            unit.last_error = f"server returned {len(choices)} of {len(batch)} choices"
+            if len(batch) > 1 and len(choices) == 1:
+                self._n_ignored()
         unit.done += done
+
+    def _n_ignored(self) -> None:
+        if self.n_supported:
+            log.warning("openai teacher: server ignores n (one choice for n > 1); "
+                        "one request per sample")
+        self.n_supported = False
+
+    def _no_logprobs(self) -> None:
+        """A completion came back without the logprobs asked for: warn once, or stop sending."""
+        self.logprobs_missing += 1
+        if self.require_logprobs and self._fatal is None:
+            self._fatal = NO_LOGPROBS  # per `stream`: a later call on this teacher stops too
+            log.error("openai teacher: %s; stopping new requests", NO_LOGPROBS)
+        elif not self.require_logprobs and self.logprobs_missing == 1:
+            log.warning("openai teacher: %s", NO_LOGPROBS)
 
     def _scrub(self, text: str) -> str:
         """Error text never carries the key, even when a server echoes it back."""

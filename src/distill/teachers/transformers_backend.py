@@ -148,7 +148,11 @@ class TransformersTeacher:
 
         tok, model = self.tokenizer, self.model
         texts = [render_chat(tok, job.messages) for job, _ in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Left padding whatever the tokenizer's own `padding_side` (a training tokenizer pads on
+        # the right): every row must continue from its last prompt token. Per call, so a
+        # tokenizer shared with the caller is never changed.
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left",
+                  add_special_tokens=False)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         # Seed from the batch's first (key, sample): reruns of the same batch give the same text
         # (crc32, not hash(): str hashes change from one process to the next).
