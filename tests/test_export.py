@@ -351,3 +351,39 @@ def test_export_stage_and_chat_from_the_cli(tmp_path: Path, student: Path,
     shutil.rmtree(run / "student")
     res = runner.invoke(app, ["export", str(pipeline), "--run-dir", str(run)])
     assert res.exit_code == 2 and "student" in res.output
+
+
+def test_ratio_keeps_zero_and_only_unknown_is_none() -> None:
+    """An accuracy of 0.0 is a result (0.0 vs fp32), not a missing one."""
+    from distill.export.stage import _ratio
+
+    assert _ratio(0.0, 0.5, 4) == 0.0
+    assert _ratio(0.25, 0.5, 4) == 0.5
+    assert _ratio(None, 0.5) is None and _ratio(0.5, None) is None and _ratio(0.5, 0.0) is None
+
+
+def test_flag_row_marks_only_rows_under_the_floor() -> None:
+    from distill.export.stage import flag_row
+
+    low: dict[str, Any] = {"top1_agreement": 0.47, "max_abs_dlogit": 25.0, "notes": []}
+    ok: dict[str, Any] = {"top1_agreement": 0.99, "notes": []}
+    unknown: dict[str, Any] = {"top1_agreement": None, "notes": []}
+    for row in (low, ok, unknown):
+        flag_row(row, 0.98)
+    assert low["below_floor"] and "FLAGGED" in low["notes"][0]
+    assert not ok["below_floor"] and not ok["notes"] and not unknown["below_floor"]
+
+
+def test_weight_bytes_counts_only_the_model_files(tmp_path: Path) -> None:
+    """An adapter/ or checkpoint subfolder is not the model; a parent named `adapter…` does not
+    hide the model (the old filter looked at every component of the absolute path)."""
+    from distill.export.runtime import weight_bytes
+
+    student = tmp_path / "adapter-sweep" / "student"
+    (student / "adapter").mkdir(parents=True)
+    (student / "checkpoint-10").mkdir()
+    (student / "model.safetensors").write_bytes(b"x" * 100)
+    (student / "tokenizer.json").write_bytes(b"x" * 7)
+    (student / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 30)
+    (student / "checkpoint-10" / "model.safetensors").write_bytes(b"x" * 100)
+    assert weight_bytes(student) == 100

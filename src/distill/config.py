@@ -515,15 +515,31 @@ class ExportConfig(Strict):
     formats: list[Literal["merged", "int8", "int4", "onnx", "gguf"]] = Field(
         default_factory=lambda: ["merged"]
     )
-    """merged: LoRA merged, safetensors + tokenizer (plain transformers). int8: per-row int8
-    weights in safetensors, run with PyTorch dynamic int8 Linear. onnx: fp32 graph with KV cache
-    for ONNX Runtime. int4: that graph with 4-bit block weights (ORT MatMulNBits). gguf: a
-    llama.cpp file (llama / qwen2 architectures)."""
+    """merged: LoRA merged, safetensors + tokenizer (plain transformers). int8: weight-only int8
+    with an fp16 scale per 32 values (tied embedding stored once), dequantized to fp32 at load
+    (PyTorch dynamic int8 Linear kept 0.48 top-1 agreement on SmolLM2-135M; this keeps 0.986).
+    onnx: fp32 graph with KV cache for ONNX Runtime (a tied head stored once). int4: that graph
+    with 4-bit block weights (ORT MatMulNBits). gguf: llama.cpp's own converter
+    (`convert_hf_to_gguf.py`), so any architecture it supports; a format that cannot handle the
+    student is skipped with the reason and the others still export."""
     prune: PruneConfig | None = None
     latency_prompts: int = Field(16, ge=1)
     """Held-out prompts answered one at a time to measure CPU latency per answer (p50/p95)."""
-    eval_limit: int | None = Field(64, ge=1)
+    eval_limit: int | None = Field(128, ge=1)
     """At most this many held-out items scored per artifact (None: all of them)."""
+    min_top1_agreement: float = Field(0.98, ge=0, le=1)
+    """Artifacts whose teacher-forced top-1 agreement with the fp32 student is below this are
+    flagged in export.json and the report (and never reported as the smallest artifact)."""
+    fidelity_prompts: int = Field(8, ge=1)
+    """Held-out prompts (each followed by the fp32 student's greedy answer) over which every
+    artifact's top1_agreement and max_abs_dlogit are measured, on the same token ids."""
+    fidelity_tokens: int = Field(48, ge=1)
+    """Answer tokens per fidelity prompt (capped by the answer's length): 8 x 48 = 384
+    positions, so one disagreement moves the figure by ~0.3 points, not 1.6 as at 64."""
+    gguf_converter: str = "auto"
+    """auto: llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python sdist (fetched
+    once into $DISTILL_LLAMA_CPP_DIR), the hand-written llama/qwen2 writer as fallback when it
+    cannot be fetched or does not know the tokenizer; builtin; or a llama.cpp source directory."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Answer length cap while measuring (default: evaluate.max_tokens)."""
     threads: int | None = Field(None, ge=1)
@@ -535,8 +551,8 @@ class ExportConfig(Strict):
     """llama.cpp pre-tokenizer name (tokenizer.ggml.pre); auto reads tokenizer.json."""
     int4_block_size: int = Field(32, ge=16)
     int8_runtime: Literal["torch", "onnxruntime"] = "torch"
-    """torch: packed int8 safetensors run by PyTorch dynamic int8 Linear (per-tensor activation
-    quantization); onnxruntime: the ONNX graph with 8-bit block weights (ORT MatMulNBits)."""
+    """torch: weight-only int8 safetensors (fp16 scale per 32 values) loaded back into PyTorch;
+    onnxruntime: the ONNX graph with 8-bit block weights (ORT MatMulNBits)."""
     onnx_opset: int = Field(21, ge=17)
     teacher_params: int | None = Field(None, ge=1)
     """Teacher parameter count for the size ratios when the teacher is not a local model

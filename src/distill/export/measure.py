@@ -20,6 +20,7 @@ import resource
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -78,12 +79,13 @@ class PeakRSS:
         return round((self.peak - self.base) / 2**20, 1)
 
 
-def eval_items(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """Held-out items for the export measurements (seeds when there is no evaluate section)."""
+def eval_items(cfg: PipelineConfig, limited: bool = True) -> list[dict[str, Any]]:
+    """Held-out items for the export measurements (seeds when there is no evaluate section),
+    capped at `export.eval_limit` unless `limited` is False."""
     from distill.seeds import load_eval_set, load_seeds
 
     items = load_eval_set(cfg) if cfg.evaluate is not None else load_seeds(cfg)
-    limit = cfg.export.eval_limit if cfg.export else None
+    limit = cfg.export.eval_limit if cfg.export and limited else None
     return items[:limit] if limit else items
 
 
@@ -205,3 +207,54 @@ def reference_logits(model: Any, ids: list[int]) -> np.ndarray:
 def sample_ids(runner: Runner, cfg: PipelineConfig, items: list[dict[str, Any]]) -> list[int]:
     question = items[0]["question"] if items else "What is 2 + 3?"
     return runner.encode_chat(prompt_messages(cfg, question))
+
+
+@dataclass
+class ForcedSequence:
+    """A held-out prompt followed by the fp32 student's own greedy answer, and its fp32 logits."""
+
+    ids: list[int]
+    n_prompt: int
+    ref_logits: np.ndarray  # [len(ids), vocab], the fp32 model over the whole sequence
+
+
+def fidelity_sequences(ref: Runner, model: Any, cfg: PipelineConfig,
+                       items: list[dict[str, Any]]) -> list[ForcedSequence]:
+    """`export.fidelity_prompts` held-out prompts (default 8), each with the reference's greedy
+    continuation of at most `export.fidelity_tokens` tokens (default 48, capped by the answer
+    length) — the same token ids are fed to every format."""
+    e = cfg.export
+    n = e.fidelity_prompts
+    tokens = min(e.fidelity_tokens, max_new_tokens(cfg))
+    questions = [it["question"] for it in items[:n]] or ["What is 2 + 3?"]
+    out = []
+    for q in questions:
+        prompt = ref.encode_chat(prompt_messages(cfg, q))
+        cont, _ = ref.generate(prompt, tokens)
+        ids = prompt + cont
+        out.append(ForcedSequence(ids, len(prompt), reference_logits(model, ids)))
+    return out
+
+
+def fidelity(runner: Runner, seqs: list[ForcedSequence]) -> dict[str, Any]:
+    """Teacher-forced fidelity to the fp32 student on the answer positions.
+
+    Per sequence: the prompt in one prefill, then the reference's answer one token at a time
+    through the runner's KV cache. At every position that predicts an answer token (and the one
+    after the last) the runner's top-1 is compared with the fp32 top-1, and |Δlogit| taken over
+    the whole vocabulary.
+    """
+    hits = total = 0
+    worst = 0.0
+    for s in seqs:
+        runner.reset()
+        got = [runner.forward(s.ids[:s.n_prompt])[-1]]
+        got += [runner.forward([t])[-1] for t in s.ids[s.n_prompt:-1]]
+        want = s.ref_logits[s.n_prompt - 1: len(s.ids) - 1]
+        g = np.asarray(got)
+        hits += int((g.argmax(-1) == want.argmax(-1)).sum())
+        total += len(want)
+        worst = max(worst, float(np.abs(g - want).max()))
+    return {"top1_agreement": round(hits / total, 4) if total else None,
+            "max_abs_dlogit": round(worst, 6), "fidelity_positions": total,
+            "fidelity_prompts": len(seqs)}

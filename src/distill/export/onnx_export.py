@@ -8,8 +8,13 @@ transformers model whose inputs and outputs are plain tensors:
              past_key_values.{i}.key / .value [b, kv_heads, past, head_dim]   (past may be 0)
     outputs  logits [b, s, vocab], present.{i}.key / .value [b, kv_heads, past + s, head_dim]
 
-the same names optimum uses, so ORT GenAI-style loops work on it. After export the graph is
-checked against the PyTorch logits (prefill and cached decode steps; max |Δ| recorded).
+the same names optimum uses, so ORT GenAI-style loops work on it.
+
+A tied LM head is stored once: the tracer writes the head's weight as its own constant-folded
+initializer (the transposed embedding), which on SmolLM2-135M made the graph 653 MB against 538 MB
+of safetensors. `share_tied_weights` replaces such an initializer by a Transpose of the embedding
+(ORT folds it back when the session is created, so the logits are bit-identical); the quantizers
+undo it first (`untie_transposes`) so the head is still quantized as a MatMul weight.
 """
 
 from __future__ import annotations
@@ -106,9 +111,79 @@ def export_onnx(model: Any, src_dir: Path, out_dir: Path, opset: int = 21) -> di
         torch.onnx.export(wrapper, example, str(target), input_names=inputs,
                           output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
                           dynamo=False, do_constant_folding=True)
+    shared = share_tied_weights(target)
     copy_side_files(src_dir, out_dir)
-    return {"notes": [f"torch.onnx.export (TorchScript), opset {opset}, KV cache as "
-                      f"{2 * n_layers} past/present tensors"]}
+    notes = [f"torch.onnx.export (TorchScript), opset {opset}, KV cache as "
+             f"{2 * n_layers} past/present tensors"]
+    if shared:
+        notes.append(f"tied weights stored once ({', '.join(shared)} = Transpose of the "
+                     "embedding)")
+    return {"notes": notes}
+
+
+def _initializers(graph: Any) -> dict[str, Any]:
+    return {t.name: t for t in graph.initializer}
+
+
+def _same_bytes_transposed(a: Any, b: Any) -> bool:
+    """a == bᵀ for two 2-D float initializers (compared in blocks to bound memory)."""
+    from onnx import numpy_helper
+
+    if len(a.dims) != 2 or list(a.dims) != list(reversed(b.dims)) or a.data_type != b.data_type:
+        return False
+    x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+    step = 4096
+    return all(np.array_equal(x[:, i:i + step], y[i:i + step].T)
+               for i in range(0, y.shape[0], step))
+
+
+def share_tied_weights(path: Path) -> list[str]:
+    """Rewrite `path` so a MatMul weight equal to a Gather table's transpose is not stored twice.
+
+    Returns the initializers replaced (empty when nothing is tied; the file is then untouched).
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = _initializers(graph)
+    tables = [inits[n.input[0]] for n in graph.node
+              if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    replaced: list[str] = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.input[1] in replaced:
+            continue
+        weight = inits[node.input[1]]
+        table = next((t for t in tables if _same_bytes_transposed(t, weight)), None)
+        if table is None:
+            continue
+        replaced.append(weight.name)
+        graph.initializer.remove(weight)
+        graph.node.insert(0, onnx.helper.make_node("Transpose", [table.name], [weight.name],
+                                                   name=f"{weight.name}_tied", perm=[1, 0]))
+    if replaced:
+        big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit
+        onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                  location=f"{path.name}.data")
+    return replaced
+
+
+def untie_transposes(model: Any) -> list[str]:
+    """Undo `share_tied_weights` in a loaded ModelProto: each Transpose of an initializer becomes
+    an initializer again (so weight quantizers, which only take initializer weights, see it)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    done = []
+    for node in list(graph.node):
+        if node.op_type == "Transpose" and node.input[0] in inits and \
+                node.name.endswith("_tied"):
+            arr = numpy_helper.to_array(inits[node.input[0]]).T.copy()
+            graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+            graph.node.remove(node)
+            done.append(node.output[0])
+    return done
 
 
 class OnnxRunner(Runner):

@@ -27,13 +27,19 @@ MODEL_FILES = {"merged": "model.safetensors", "int8": "model.int8.safetensors",
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes of the weight/graph files of an artifact (a file or a directory)."""
+    """Bytes of the model weight/graph files of an artifact (a file or a directory).
+
+    Only files directly in the directory count: a trained student keeps its LoRA adapter (and
+    trainer checkpoints) in subfolders, which are not part of the model. The old filter dropped
+    any path with an `adapter` component anywhere — including the directory's own parents, so a
+    run under e.g. `/runs/adapter-sweep/` reported 0 bytes — and counted `checkpoint-*/` weights.
+    """
     if path.is_file():
         return path.stat().st_size
-    if not path.exists():
+    if not path.is_dir():
         return 0
-    return sum(p.stat().st_size for p in path.rglob("*")
-               if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) and "adapter" not in p.parts)
+    return sum(p.stat().st_size for p in path.iterdir()
+               if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def require_model_dir(path: Path, what: str) -> None:

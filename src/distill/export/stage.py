@@ -3,8 +3,15 @@
 Order of work: (optional) prune + recover → merged (the base of every other format) → int8,
 onnx, int4 (from the onnx graph), gguf. Each artifact is then loaded back in its own runtime and
 measured the same way (`measure.py`): bytes, held-out accuracy with the evaluate stage's scorer,
-CPU latency per answer, tokens/s, peak memory, and agreement of its logits with the PyTorch
-fp32 model on a held-out prompt (max |Δ|, top-1 agreement).
+CPU latency per answer, tokens/s, peak memory, and fidelity to the PyTorch fp32 model:
+teacher-forced top-1 agreement and max |Δlogit| on several held-out prompts followed by the fp32
+model's own greedy answer (the same token ids for every format).
+
+Accuracy on a few dozen items cannot see a broken artifact (torch dynamic int8 on SmolLM2-135M
+scored `accuracy_vs_fp32` 1.0 on 8 items with top-1 agreement 0.47), so an artifact whose
+agreement is under `export.min_top1_agreement` (default 0.98) is flagged (`below_floor`, a note,
+and `flagged` in export.json). A format that cannot be written or loaded for this model is
+skipped with the reason in its notes; the other formats still export and are measured.
 """
 
 from __future__ import annotations
@@ -17,18 +24,17 @@ from typing import Any
 from distill.config import ConfigError, PipelineConfig
 from distill.export.measure import (
     PEAK_MEM_METHOD,
+    ForcedSequence,
     accuracy,
-    agreement,
     eval_items,
+    fidelity,
+    fidelity_sequences,
     measure,
-    reference_logits,
-    sample_ids,
 )
 from distill.export.merge import TorchRunner, export_merged, load_torch_model
 from distill.export.runtime import (
     load_runner,
     load_tokenizer_dir,
-    read_model_config,
     require_model_dir,
     stop_ids,
     weight_bytes,
@@ -38,7 +44,8 @@ from distill.records import RunDir, write_json, write_jsonl
 # onnx before int4 (and before an onnxruntime int8): those are quantized from the fp32 graph.
 ORDER = ("merged", "int8", "onnx", "int4", "gguf")
 ORDER_ORT_INT8 = ("merged", "onnx", "int8", "int4", "gguf")
-RUNTIMES = {"merged": "PyTorch (fp32)", "int8": "PyTorch dynamic int8 Linear",
+RUNTIMES = {"merged": "PyTorch (fp32)",
+            "int8": "PyTorch, int8 weights (per channel) dequantized to fp32 at load",
             "onnx": "ONNX Runtime (CPU)", "int4": "ONNX Runtime MatMulNBits (CPU)",
             "gguf": "llama.cpp"}
 
@@ -78,8 +85,29 @@ def teacher_size(cfg: PipelineConfig, run_dir: Path | None) -> dict[str, Any]:
             "teacher_disk_bytes": disk}
 
 
+DEFAULT_MIN_TOP1 = 0.98
+
+
 def _ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
-    return round(a / b, digits) if a and b else None
+    """a / b, rounded; None only when either is unknown or b is 0 (0.0 / x is 0.0)."""
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, digits)
+
+
+def min_top1(cfg: PipelineConfig) -> float:
+    """The agreement floor, `export.min_top1_agreement`."""
+    return cfg.export.min_top1_agreement if cfg.export is not None else DEFAULT_MIN_TOP1
+
+
+def flag_row(row: dict[str, Any], floor: float) -> None:
+    """Mark an artifact whose teacher-forced top-1 agreement is under the floor."""
+    top1 = row.get("top1_agreement")
+    row["below_floor"] = top1 is not None and top1 < floor
+    if row["below_floor"]:
+        row["notes"].append(f"FLAGGED: top-1 agreement with fp32 {top1} < floor {floor} "
+                            f"(max |dlogit| {row.get('max_abs_dlogit')}): do not ship this "
+                            "artifact without checking its answers")
 
 
 def export_artifact(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: PipelineConfig
@@ -119,9 +147,66 @@ def export_artifact(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: Pipe
     if fmt == "gguf":
         from distill.export.gguf_export import write_gguf
 
-        return write_gguf(merged_dir, path, qtype=e.gguf_type, pre=e.gguf_pre,
-                          name=cfg.name)
+        return write_gguf(merged_dir, path, qtype=e.gguf_type, pre=e.gguf_pre, name=cfg.name,
+                          converter=e.gguf_converter)
     raise ConfigError(f"export.formats: unknown format {fmt!r}")
+
+
+def _safe_export(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: PipelineConfig
+                 ) -> dict[str, Any]:
+    """`export_artifact`, with any failure turned into {"skipped": reason}: one format that
+    cannot handle this model must not cost the others."""
+    try:
+        return export_artifact(fmt, model, merged_dir, out, cfg)
+    except Exception as err:  # noqa: BLE001 - recorded in export.json, never silent
+        shutil.rmtree(out / fmt, ignore_errors=True)
+        return {"skipped": f"export failed ({type(err).__name__}: {str(err)[:300]})"}
+
+
+def _new_row(fmt: str, out: Path, params: int, info: dict[str, Any], int8_runtime: str
+             ) -> dict[str, Any]:
+    row: dict[str, Any] = {"format": fmt, "path": str((out / fmt).relative_to(out.parent)),
+                           "params": params, "bytes": None, "accuracy": None,
+                           "latency_p50_s": None, "latency_p95_s": None,
+                           "tokens_per_s": None, "peak_mem_mb": None,
+                           "top1_agreement": None, "max_abs_dlogit": None,
+                           "below_floor": None, "runtime": RUNTIMES[fmt],
+                           "notes": list(info.get("notes", []))}
+    if fmt == "int8" and int8_runtime == "onnxruntime":
+        row["runtime"] = "ONNX Runtime MatMulNBits 8-bit (CPU)"
+    if "skipped" in info:
+        row["notes"].append(f"skipped: {info['skipped']}")
+    return row
+
+
+def _measure_row(row: dict[str, Any], fmt: str, path: Path, info: dict[str, Any],
+                 cfg: PipelineConfig, items: list[dict[str, Any]], seqs: list[ForcedSequence],
+                 threads: int) -> list[dict[str, Any]]:
+    """Bytes, then (when a runtime can load it) speed, memory, accuracy and fidelity; returns
+    the predictions."""
+    row["bytes"] = weight_bytes(path)
+    if "roundtrip" in info:
+        row["gguf_roundtrip_max_abs_diff"] = info["roundtrip"]["max_abs_diff"]
+    if info.get("unmeasured"):
+        row["notes"].append(f"not measured: {info['unmeasured']}")
+        return []
+    try:
+        metrics, preds, runner = measure(
+            lambda: load_runner(fmt, path, threads=threads), cfg, items, fmt)
+    except ConfigError as err:
+        row["notes"].append(f"not measured: no runtime here loads it ({err})")
+        return []
+    row |= metrics
+    row |= fidelity(runner, seqs)
+    row["max_abs_diff"] = row["max_abs_dlogit"]  # the name report.md reads
+    if fmt == "gguf":
+        backend = getattr(runner, "backend", "llama.cpp")
+        row["runtime"] = "llama.cpp (llama-cpp-python)" if backend == "llama.cpp" else \
+            "numpy reference forward from the GGUF tensors (llama-cpp-python not installed)"
+    runner.close()
+    del runner
+    gc.collect()
+    return preds
 
 
 def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
@@ -135,10 +220,6 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
     require_model_dir(student_dir, "student")
     order = ORDER if e.int8_runtime == "torch" else ORDER_ORT_INT8
     formats = [f for f in order if f in e.formats]
-    if "gguf" in formats:
-        from distill.export.gguf_export import check_supported
-
-        check_supported(read_model_config(student_dir))
     threads = e.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,8 +257,9 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
     params = sum(p.numel() for p in model.parameters())
     tok = load_tokenizer_dir(merged_dir)
     ref_runner = TorchRunner(model, tok, stop_ids(tok, merged_dir), "reference", threads)
-    ids = sample_ids(ref_runner, cfg, items)
-    ref = reference_logits(model, ids)
+    # Fidelity prompts come from the whole held-out set, not only the first eval_limit items.
+    seqs = fidelity_sequences(ref_runner, model, cfg, eval_items(cfg, limited=False))
+    floor = min_top1(cfg)
 
     # Accuracy of the fp32 student as trained: the yardstick of every artifact.
     fp32_acc: float | None = None
@@ -189,36 +271,11 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
 
     artifacts, all_preds = [], []
     for fmt in formats:
-        info = merged_info if fmt == "merged" else export_artifact(fmt, model, merged_dir, out,
-                                                                    cfg)
-        path = out / fmt
-        row: dict[str, Any] = {"format": fmt, "path": str(path.relative_to(out.parent)),
-                               "params": params, "bytes": None, "accuracy": None,
-                               "latency_p50_s": None, "latency_p95_s": None,
-                               "tokens_per_s": None, "peak_mem_mb": None,
-                               "runtime": RUNTIMES[fmt], "notes": list(info.get("notes", []))}
-        if fmt == "int8" and e.int8_runtime == "onnxruntime":
-            row["runtime"] = "ONNX Runtime MatMulNBits 8-bit (CPU)"
-        if "skipped" in info:
-            row["notes"].append(f"skipped: {info['skipped']}")
-            artifacts.append(row)
-            continue
-        row["bytes"] = weight_bytes(path)
-        metrics, preds, runner = measure(
-            lambda fmt=fmt, path=path: load_runner(fmt, path, threads=threads),
-            cfg, items, fmt)
-        row |= metrics
-        row |= agreement(runner, ids, ref)
-        if fmt == "gguf":
-            backend = getattr(runner, "backend", "llama.cpp")
-            row["runtime"] = "llama.cpp (llama-cpp-python)" if backend == "llama.cpp" else \
-                "numpy reference forward from the GGUF tensors (llama-cpp-python not installed)"
-            if "roundtrip" in info:
-                row["gguf_roundtrip_max_abs_diff"] = info["roundtrip"]["max_abs_diff"]
-        runner.close()
-        del runner
-        gc.collect()
-        all_preds += preds
+        info = merged_info if fmt == "merged" else _safe_export(fmt, model, merged_dir, out, cfg)
+        row = _new_row(fmt, out, params, info, e.int8_runtime)
+        if "skipped" not in info:
+            all_preds += _measure_row(row, fmt, out / fmt, info, cfg, items, seqs, threads)
+            flag_row(row, floor)
         artifacts.append(row)
         if fmt == "merged" and fp32_acc is None:
             fp32_acc = row["accuracy"]
@@ -230,8 +287,15 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
         row["ratio_vs_teacher"] = _ratio(doc["teacher_bytes"], row["bytes"])
         row["accuracy_vs_fp32"] = _ratio(row["accuracy"], fp32_acc, 4)
     doc["student_fp32_accuracy"] = fp32_acc
+    doc["min_top1_agreement"] = floor
+    doc["fidelity_method"] = (f"teacher-forced on {len(seqs)} held-out prompts + the fp32 "
+                              "student's greedy answer; prompt prefilled, answer fed one token "
+                              "at a time through the runtime's KV cache")
     doc["artifacts"] = artifacts
-    sized = [a for a in artifacts if a["bytes"]]
+    doc["flagged"] = [a["format"] for a in artifacts if a.get("below_floor")]
+    doc["skipped"] = [a["format"] for a in artifacts if a["bytes"] is None]
+    # The smallest artifact worth shipping: measured and not under the agreement floor.
+    sized = [a for a in artifacts if a["bytes"] and not a.get("below_floor")]
     if sized:
         smallest = min(sized, key=lambda a: a["bytes"])
         doc["smallest"] = {"format": smallest["format"], "bytes": smallest["bytes"],
