@@ -87,9 +87,10 @@ def dev_accuracy(model: Any, tok: Any, cfg: PipelineConfig, items: list[dict[str
     # The backend seeds torch's global RNG per batch; the Trainer's shuffling draws from that
     # RNG too, so scoring must leave it as it found it (a dev curve must not change training).
     rng_state = torch.get_rng_state()
-    was_training, side = model.training, tok.padding_side
+    # Batched generation pads on the left per call (`TransformersTeacher._generate` passes
+    # padding_side="left"), so the training tokenizer, which pads on the right, is left alone.
+    was_training = model.training
     model.eval()
-    tok.padding_side = "left"  # batched generation continues every row from its last token
     gold = {it["id"]: str(it["answer"]) for it in items}
     try:
         hits = 0
@@ -100,7 +101,6 @@ def dev_accuracy(model: Any, tok: Any, cfg: PipelineConfig, items: list[dict[str
                 pred = parse_response(comp.text, comp.reasoning)["answer"]
                 hits += bool(answers_match(pred, gold[job.key]))
     finally:
-        tok.padding_side = side
         model.train(was_training)
         torch.set_rng_state(rng_state)
     return hits / len(items)

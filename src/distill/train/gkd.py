@@ -91,8 +91,10 @@ def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig
 
-    from distill.train.progress import RichProgressCallback
+    from distill.train.memory import cpu_training_memory
+    from distill.train.progress import quiet_trainer, training_callbacks
 
+    cpu_training_memory()
     kd = cfg.train.kd
     if local_teacher_name(cfg) is None:
         raise ConfigError("train.method gkd: GKD scores the student's samples with a local "
@@ -120,15 +122,15 @@ def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
             trainer = make_gkd_trainer_class()(
                 model=model, teacher_model=teacher, args=args, train_dataset=data,
                 processing_class=tok, peft_config=lora_config(cfg),
-                callbacks=[RichProgressCallback(label), *(callbacks or [])],
+                callbacks=[*training_callbacks(label), *(callbacks or [])],
                 kd=kd, projections=projections, layer_pairs=pairs,
             )
         except ValueError as err:  # e.g. TRL's vocab_size check
             raise ConfigError(f"train.method gkd: {err}") from None
         t0 = time.perf_counter()
-        result = trainer.train()
+        result = quiet_trainer(trainer).train()
         train_s = time.perf_counter() - t0
-        _, hist = history(trainer)
+        _, hist = history(trainer, result)
         info = {
             "label": label, "method": "gkd", "params": n_params, "train_rows": len(rows),
             "steps": trainer.state.global_step, "train_s": round(train_s, 2),

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, PipelineConfig
-from distill.records import RunDir, atomic_path
+from distill.records import RunDir
 from distill.train.losses import (
     NEG,
     divergence_beta,
@@ -543,43 +543,26 @@ def lora_config(cfg: PipelineConfig) -> Any:
 
 def save_student(trainer: Any, tok: Any, out_dir: Path, cfg: PipelineConfig,
                  info: dict[str, Any]) -> None:
-    """Like the SFT student: merged weights in `out_dir` (adapter in `adapter/` with LoRA).
-
-    Under `accelerate launch` the main process saves; FSDP-sharded weights are gathered first
-    (a collective: every process takes part).
-    """
+    """Like the SFT student: merged weights in `out_dir` (adapter in `adapter/` with LoRA)."""
+    from distill.train.saving import save_student_dir
     from distill.train.sft import model_card
 
-    acc = trainer.accelerator
-    state = acc.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-    info["world_size"] = acc.num_processes
-    if not acc.is_main_process:
-        return
-    with atomic_path(out_dir) as tmp:
-        final = trainer.model
-        if cfg.train.lora is not None:
-            final.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=state)
-            if state is not None:  # sharded in memory: merge into a fresh base copy
-                from peft import PeftModel
-
-                final = PeftModel.from_pretrained(build_student(cfg, tok), tmp / "adapter")
-                state = None
-            final = final.merge_and_unload()
-        final.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-        tok.save_pretrained(tmp)
-        kd = cfg.train.kd
-        card = model_card(cfg, info) + (
-            f"- soft targets: {info.get('soft_targets')} (T = {kd.temperature}, "
-            f"alpha = {kd.alpha}, divergence = {kd.divergence}"
-            + (f", beta = {kd.beta}" if kd.divergence == "jsd" else "")
-            + (f", lmbda = {kd.lmbda}" if info.get("method") == "gkd" else "") + ")\n")
-        (tmp / "README.md").write_text(card)
+    info["world_size"] = trainer.accelerator.num_processes
+    kd = cfg.train.kd
+    card = model_card(cfg, info) + (
+        f"- soft targets: {info.get('soft_targets')} (T = {kd.temperature}, "
+        f"alpha = {kd.alpha}, divergence = {kd.divergence}"
+        + (f", beta = {kd.beta}" if kd.divergence == "jsd" else "")
+        + (f", lmbda = {kd.lmbda}" if info.get("method") == "gkd" else "") + ")\n")
+    save_student_dir(trainer, tok, out_dir, cfg, card)
 
 
-def history(trainer: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def history(trainer: Any, result: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The loss log; the final loss falls back to the run's mean when nothing was logged."""
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
-    return logs, {"final_loss": last.get("loss"),
+    fallback = getattr(result, "training_loss", None)
+    return logs, {"final_loss": last.get("loss", fallback),
                   "final_ce": last.get("ce"), "final_soft": last.get("soft"),
                   "loss_history": [(h["step"], h["loss"]) for h in logs]}
 
@@ -627,8 +610,10 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
 
         return train_gkd(cfg, rows, out_dir, label=label or "gkd", callbacks=callbacks)
 
-    from distill.train.progress import RichProgressCallback
+    from distill.train.memory import cpu_training_memory
+    from distill.train.progress import quiet_trainer, training_callbacks
 
+    cpu_training_memory()
     kd = cfg.train.kd
     rows = _join_generations(run_dir, rows)
     source = soft_target_source(cfg, rows)
@@ -688,14 +673,14 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
             data_collator=KDCollator(tok.pad_token_id,
                                      teacher_tok.pad_token_id if teacher_tok is not None
                                      else None),
-            callbacks=[RichProgressCallback(label), *(callbacks or [])],
+            callbacks=[*training_callbacks(label), *(callbacks or [])],
             kd=kd, teacher=teacher, projections=projections, layer_pairs=pairs, vocab=vocab,
             group_by_length=cfg.train.group_by_length,
         )
         t0 = time.perf_counter()
-        result = trainer.train()
+        result = quiet_trainer(trainer).train()
         train_s = time.perf_counter() - t0
-        _, hist = history(trainer)
+        _, hist = history(trainer, result)
         info = {
             "label": label, "method": "kd", "params": n_params, "train_rows": len(examples),
             "steps": trainer.state.global_step, "train_s": round(train_s, 2),

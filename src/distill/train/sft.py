@@ -16,7 +16,7 @@ from typing import Any
 from datasets import Dataset
 
 from distill.config import PipelineConfig
-from distill.records import atomic_path
+from distill.train.saving import save_student_dir
 from distill.train.student import build_student, count_params, load_tokenizer
 
 
@@ -82,6 +82,24 @@ def peft_config(cfg: PipelineConfig) -> Any:
                       target_modules=lo.target_modules, task_type="CAUSAL_LM")
 
 
+def make_sft_trainer(cfg: PipelineConfig, tok: Any, model: Any, dataset: Dataset, work: Path,
+                     *, label: str = "student", callbacks: list[Any] | None = None) -> Any:
+    """The SFT trainer for `dataset` (a `messages` column), writing scratch files to `work`."""
+    from distill.train.memory import cpu_training_memory
+    from distill.train.progress import training_callbacks
+
+    cpu_training_memory()
+
+    return sft_trainer_class()(
+        model=model, group_by_length=cfg.train.group_by_length,
+        args=sft_args(cfg, str(work)),
+        train_dataset=to_prompt_completion(dataset),
+        processing_class=tok,
+        peft_config=peft_config(cfg),
+        callbacks=[*training_callbacks(label), *(callbacks or [])],
+    )
+
+
 def train_sft(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, *, label: str = "student",
               callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train a student on `dataset` (a `messages` column) and save it to `out_dir` atomically.
@@ -89,53 +107,29 @@ def train_sft(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, *, label: st
     With LoRA, `out_dir/adapter/` holds the adapter and `out_dir/` the merged model, so every
     later stage loads a plain transformers model.
     """
-    from distill.train.progress import RichProgressCallback
+    from distill.train.progress import quiet_trainer
 
     tok = load_tokenizer(cfg)
     model = build_student(cfg, tok)
     n_params = count_params(model)
-    data = to_prompt_completion(dataset)
     work = Path(tempfile.mkdtemp(prefix="distill-train-"))
     try:
-        trainer = sft_trainer_class()(
-            model=model, group_by_length=cfg.train.group_by_length,
-            args=sft_args(cfg, str(work)),
-            train_dataset=data,
-            processing_class=tok,
-            peft_config=peft_config(cfg),
-            callbacks=[RichProgressCallback(label), *(callbacks or [])],
-        )
+        trainer = make_sft_trainer(cfg, tok, model, dataset, work, label=label,
+                                   callbacks=callbacks)
         t0 = time.perf_counter()
-        result = trainer.train()
+        result = quiet_trainer(trainer).train()
         train_s = time.perf_counter() - t0
         history = [h for h in trainer.state.log_history if "loss" in h]
         acc = trainer.accelerator
         info = {
             "label": label, "params": n_params, "train_rows": len(dataset),
             "steps": trainer.state.global_step, "train_s": round(train_s, 2),
-            "final_loss": history[-1]["loss"] if history else None,
+            "final_loss": history[-1]["loss"] if history else result.training_loss,
             "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
             "loss_history": [(h["step"], h["loss"]) for h in history],
             "world_size": acc.num_processes,
         }
-        # Under `accelerate launch` every process trains and the main one saves. FSDP-sharded
-        # weights are gathered first: a collective, so every process makes the call.
-        state = acc.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-        if acc.is_main_process:
-            with atomic_path(out_dir) as tmp:
-                final = trainer.model
-                if cfg.train.lora is not None:
-                    final.save_pretrained(tmp / "adapter", safe_serialization=True,
-                                          state_dict=state)
-                    if state is not None:  # sharded in memory: merge into a fresh base copy
-                        from peft import PeftModel
-
-                        final = PeftModel.from_pretrained(build_student(cfg, tok), tmp / "adapter")
-                        state = None
-                    final = final.merge_and_unload()
-                final.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-                tok.save_pretrained(tmp)  # with the chat template the student was trained on
-                (tmp / "README.md").write_text(model_card(cfg, info))
+        save_student_dir(trainer, tok, out_dir, cfg, model_card(cfg, info))
         acc.wait_for_everyone()
         return info
     finally:
