@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 def verbose() -> bool:
@@ -28,6 +29,11 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     for name in ("transformers", "datasets", "accelerate", "peft", "trl", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Deprecation notices addressed to library authors ("`is_gradient_checkpointing` is
+    # deprecated"), not to the person running a pipeline.
+    for module in ("transformers", "trl", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     # The environment covers modules imported later; these, modules already imported.
     if "transformers" in sys.modules:
         import transformers
