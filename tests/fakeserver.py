@@ -44,6 +44,8 @@ class Request:
     port: int = 0
     at: float = 0.0
     """time.monotonic() when the request arrived."""
+    raw: bytes = b""
+    """The body as sent (multipart uploads are not JSON)."""
 
     @property
     def prompt(self) -> str:
@@ -144,6 +146,11 @@ class FakeServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self.window: list[float] = []
+        """[count, first, last] arrival time (monotonic) of chat requests since the last
+        `POST /stats/reset` (kept even when not recording): a client's steady-state rate."""
+        self.batch = FakeBatchAPI(self)
+        """The Batch API (files, batches): see `FakeBatchAPI`."""
 
     # lifecycle -------------------------------------------------------------------------------
     @property
@@ -205,6 +212,16 @@ class FakeServer:
         with self._lock:
             return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
+    def answer(self, req: Request) -> Reply:
+        """The handler's reply to a chat request (online, or one line of a batch)."""
+        try:
+            return self.handler(req)
+        except Exception as err:  # noqa: BLE001 - a broken script is a 500, visibly
+            return Reply(status=500, body=error_body(f"handler failed: {err!r}"))
+
+    def next_index(self) -> int:
+        return next(self._counter)
+
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -256,9 +273,12 @@ class FakeServer:
         except ValueError:
             body = raw.decode("utf-8", "replace")
         req = Request(method=method, path=target.split("?")[0], headers=headers, body=body,
-                      index=next(self._counter), port=self.port, at=time.monotonic())
+                      index=next(self._counter), port=self.port, at=time.monotonic(), raw=raw)
         with self._lock:
             self.counts[req.path] = self.counts.get(req.path, 0) + 1
+            if req.path.endswith("/chat/completions"):
+                w = self.window
+                self.window = [w[0] + 1, w[1], req.at] if w else [1, req.at, req.at]
             if self.record:
                 self.requests.append(req)
         return req
@@ -271,10 +291,16 @@ class FakeServer:
                     for m in self.models]
             return Reply(body={"object": "list", "data": data})
         if req.method == "POST" and req.path.endswith("/chat/completions"):
-            try:
-                return self.handler(req)
-            except Exception as err:  # noqa: BLE001 - a broken script is a 500, visibly
-                return Reply(status=500, body=error_body(f"handler failed: {err!r}"))
+            return self.answer(req)
+        if req.path == "/stats":  # the benchmark's view: how fast chat requests arrived
+            w = self.window
+            if req.method == "POST":
+                self.window = []
+            return Reply(body={"chat": w[0], "first": w[1], "last": w[2]} if w else {"chat": 0})
+        if "/files" in req.path or "/batches" in req.path:
+            reply = self.batch.dispatch(req)
+            if reply is not None:
+                return reply
         return Reply(status=404, body=error_body(f"no route {req.method} {req.path}"))
 
 
@@ -289,6 +315,189 @@ def _encode(reply: Reply) -> bytes:
             "Content-Type: application/json", f"Content-Length: {len(payload)}"]
     head += [f"{k}: {v}" for k, v in reply.headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+
+
+# the Batch API -------------------------------------------------------------------------------
+@dataclass
+class BatchPlan:
+    """How one batch (in creation order) behaves: `validating` for the first 30% of `after`
+    seconds, then `in_progress`, then `outcome`. An expired or cancelled batch ran only the first
+    `done_fraction` of its lines; the rest of an expired batch are `batch_expired` lines in its
+    error file (as OpenAI writes them) unless `expired_lines` is False."""
+
+    outcome: str = "completed"
+    after: float = 0.0
+    done_fraction: float = 1.0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    """batch.errors for a `failed` batch."""
+    expired_lines: bool = True
+
+
+class FakeBatchAPI:
+    """Files (upload, content) and batches (create, retrieve, list, cancel) over the server's
+    handler: each line of a batch is answered by `server.handler` as if sent online.
+
+    `plans` script batches in creation order (then `default`); `created` lists the bodies of
+    batch creations, `lines` the chat requests batches ran (what the account paid for).
+    """
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.plans: list[BatchPlan] = []
+        self.default = BatchPlan()
+        self.max_requests = 50_000
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.created: list[dict[str, Any]] = []
+        self.lines: list[Request] = []
+        self.statuses: dict[str, list[str]] = {}
+        """Every status each batch was seen in by a retrieve, in order."""
+        self._ids = itertools.count(1)
+
+    def dispatch(self, req: Request) -> Reply | None:
+        parts = req.path.rstrip("/").split("/")[2:]  # after /v1
+        with self.server._lock:
+            if parts == ["files"] and req.method == "POST":
+                return self._upload(req)
+            if len(parts) == 3 and parts[0] == "files" and parts[2] == "content":
+                f = self.files.get(parts[1])
+                return Reply(body=f["data"]) if f else _not_found(parts[1])
+            if parts == ["batches"] and req.method == "POST":
+                return self._create(req)
+            if parts == ["batches"] and req.method == "GET":
+                data = [self._view(b) for b in reversed(list(self.batches.values()))]
+                return Reply(body={"object": "list", "data": data, "has_more": False,
+                                   "first_id": data[0]["id"] if data else None,
+                                   "last_id": data[-1]["id"] if data else None})
+            if len(parts) >= 2 and parts[0] == "batches":
+                b = self.batches.get(parts[1])
+                if b is None:
+                    return _not_found(parts[1])
+                if len(parts) == 3 and parts[2] == "cancel" and req.method == "POST":
+                    b["cancel"] = True
+                    return Reply(body=self._view(b, advance=False) | {"status": "cancelling"})
+                view = self._view(b)
+                self.statuses.setdefault(b["id"], []).append(view["status"])
+                return Reply(body=view)
+        return None
+
+    def _upload(self, req: Request) -> Reply:
+        fields = parse_multipart(req.raw, req.headers.get("content-type", ""))
+        if "file" not in fields or fields.get("purpose", (b"", ""))[0] != b"batch":
+            return Reply(400, error_body("expected a file with purpose batch",
+                                         type_="invalid_request_error"))
+        data, filename = fields["file"]
+        fid = f"file-{next(self._ids)}"
+        self.files[fid] = {"data": data, "purpose": "batch"}
+        return Reply(body={"id": fid, "object": "file", "bytes": len(data),
+                           "created_at": int(time.time()), "filename": filename or "upload",
+                           "purpose": "batch", "status": "processed"})
+
+    def _create(self, req: Request) -> Reply:
+        body = req.body if isinstance(req.body, dict) else {}
+        f = self.files.get(str(body.get("input_file_id")))
+        if f is None:
+            return _not_found(str(body.get("input_file_id")))
+        if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+            return Reply(400, error_body("bad endpoint or completion_window",
+                                         type_="invalid_request_error"))
+        lines = [json.loads(x) for x in f["data"].splitlines() if x.strip()]
+        ids = [x.get("custom_id") for x in lines]
+        if len(set(ids)) != len(ids) or any(
+                x.get("method") != "POST" or x.get("url") != body["endpoint"] for x in lines):
+            return Reply(400, error_body("duplicate custom_id, or a line's method or url is "
+                                         "wrong", type_="invalid_request_error"))
+        if len(lines) > self.max_requests:
+            return Reply(400, error_body(f"at most {self.max_requests} requests per batch",
+                                         type_="invalid_request_error"))
+        n = len(self.created)
+        self.created.append(body)
+        plan = self.plans[n] if n < len(self.plans) else self.default
+        bid = f"batch_{next(self._ids)}"
+        self.batches[bid] = {"id": bid, "plan": plan, "lines": lines, "t0": time.monotonic(),
+                             "input_file_id": body["input_file_id"],
+                             "metadata": body.get("metadata"), "final": None, "cancel": False}
+        return Reply(body=self._view(self.batches[bid]))
+
+    def _view(self, b: dict[str, Any], advance: bool = True) -> dict[str, Any]:
+        plan: BatchPlan = b["plan"]
+        elapsed = time.monotonic() - b["t0"]
+        if b["final"] is None and advance and (elapsed >= plan.after or b["cancel"]):
+            self._finish(b, "cancelled" if b["cancel"] else plan.outcome)
+        if b["final"] is not None:
+            status, out_id, err_id, counts = b["final"]
+        else:
+            status = "validating" if elapsed < 0.3 * plan.after else "in_progress"
+            out_id = err_id = None
+            counts = {"total": len(b["lines"]), "completed": 0, "failed": 0}
+        return {"id": b["id"], "object": "batch", "endpoint": "/v1/chat/completions",
+                "errors": ({"object": "list", "data": plan.errors}
+                           if status == "failed" else None),
+                "input_file_id": b["input_file_id"], "completion_window": "24h",
+                "status": status, "output_file_id": out_id, "error_file_id": err_id,
+                "created_at": int(time.time()), "request_counts": counts,
+                "metadata": b["metadata"]}
+
+    def _finish(self, b: dict[str, Any], status: str) -> None:
+        plan: BatchPlan = b["plan"]
+        lines = [] if status == "failed" else b["lines"]
+        if status in ("expired", "cancelled"):
+            lines = lines[: int(len(lines) * plan.done_fraction)]
+        out, err = [], []
+        for line in lines:
+            req = Request(method="POST", path="/v1/chat/completions", headers={},
+                          body=line["body"], index=self.server.next_index())
+            self.lines.append(req)
+            reply = self.server.answer(req)
+            if reply.drop:
+                err.append({"id": f"br-{req.index}", "custom_id": line["custom_id"],
+                            "response": None,
+                            "error": {"code": "server_error", "message": "connection lost"}})
+                continue
+            target = out if reply.status == 200 else err
+            target.append({"id": f"br-{req.index}", "custom_id": line["custom_id"],
+                           "response": {"status_code": reply.status,
+                                        "request_id": f"req-{req.index}", "body": reply.body},
+                           "error": None})
+        if status == "expired" and plan.expired_lines:
+            err += [{"id": f"br-x{i}", "custom_id": line["custom_id"], "response": None,
+                     "error": {"code": "batch_expired", "message": "not executed before the "
+                               "completion window expired"}}
+                    for i, line in enumerate(b["lines"][len(lines):])]
+        out_id = self._store(out)
+        err_id = self._store(err)
+        counts = {"total": len(b["lines"]), "completed": len(out), "failed": len(err)}
+        b["final"] = (status, out_id, err_id, counts)
+
+    def _store(self, lines: list[dict[str, Any]]) -> str | None:
+        if not lines:
+            return None
+        fid = f"file-{next(self._ids)}"
+        self.files[fid] = {"data": "".join(json.dumps(x) + "\n" for x in lines).encode(),
+                           "purpose": "batch_output"}
+        return fid
+
+
+def _not_found(what: str) -> Reply:
+    return Reply(404, error_body(f"no such object: {what}", type_="invalid_request_error"))
+
+
+def parse_multipart(raw: bytes, content_type: str) -> dict[str, tuple[bytes, str | None]]:
+    """{field name: (value, filename)} of a multipart/form-data body."""
+    boundary = content_type.partition("boundary=")[2].strip().strip('"').encode()
+    out: dict[str, tuple[bytes, str | None]] = {}
+    if not boundary:
+        return out
+    for part in raw.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        part = part.removeprefix(b"\r\n").removesuffix(b"\r\n")
+        head, _, value = part.partition(b"\r\n\r\n")
+        disposition = head.decode("latin-1")
+        name = disposition.partition('name="')[2].partition('"')[0]
+        filename = disposition.partition('filename="')[2].partition('"')[0] or None
+        out[name] = (value, filename)
+    return out
 
 
 # scripted faults -----------------------------------------------------------------------------

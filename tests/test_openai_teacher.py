@@ -846,3 +846,50 @@ def test_generate_records_soft_targets_that_arrived(fake_server: FakeServer,
                       RunDir(tmp_path / "run"))
     assert entry["status"] == "done" and entry["soft_targets"] == "top-5 logprobs"
     assert "soft_targets_missing" not in entry
+
+
+# the direct HTTP client reads every failure as the SDK does -----------------------------------
+def test_direct_and_sdk_clients_agree_on_every_fault(fake_server: FakeServer) -> None:
+    """`http_client: direct` (the default) and `sdk` see the same faults and end with the same
+    rows, errors and request counts."""
+    def make_handler() -> Any:
+        hits: dict[str, int] = {}
+
+        def handler(req: Request) -> Reply:
+            hits[req.prompt] = hits.get(req.prompt, 0) + 1
+            return script(req, hits[req.prompt])
+
+        return handler
+
+    def script(req: Request, hit: int) -> Reply:
+        p = req.prompt
+        if p == "q0":
+            return Reply(400, error_body("bad request here", type_="invalid_request_error"))
+        if p == "q1":
+            return Reply(500, error_body("always broken"))
+        if p == "q2":
+            return Reply(429, error_body("slow down"), headers={"Retry-After": "0.01"}) \
+                if hit == 2 else ok(req)
+        if p == "q3":
+            return Reply(200, b"{not json")
+        return ok(req)
+
+    outcomes = {}
+    for client in ("direct", "sdk"):
+        fake_server.reset()
+        fake_server.handler = per_prompt(1, Reply(503, error_body("warming up"),
+                                                  headers={"Retry-After": "0"}), make_handler())
+        jobs = make_jobs(6, samples=2, prefix="q")
+        cfg = teacher_cfg(fake_server.url, max_retries=2, max_concurrency=1,
+                          http_client=client, extra_body={"chat_template_kwargs": {"t": 1}})
+        results, stats = run(fast_teacher(cfg), jobs)
+        outcomes[client] = ({k: (c.text, c.error) for k, c in results.items()},
+                            sorted(r.prompt for r in fake_server.chat_requests()),
+                            fake_server.chat_requests()[-1].body["chat_template_kwargs"])
+    assert outcomes["direct"] == outcomes["sdk"]
+    errors = {k: e for k, (_, e) in outcomes["direct"][0].items() if e}
+    assert errors[("q0", 0)] == "HTTP 400: bad request here"
+    assert errors[("q1", 0)].startswith("HTTP 500: always broken (gave up after 3")
+    assert errors[("q3", 0)].startswith("malformed response: not JSON")
+    assert ("q2", 0) not in errors and ("q4", 1) not in errors
+    assert outcomes["direct"][2] == {"t": 1}

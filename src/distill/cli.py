@@ -31,7 +31,10 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun finished stages t
 
 
 def _fail(code: int, message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: a message such as "pip install 'distill[eval]'" must print its brackets.
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -101,6 +101,10 @@ def preflight(cfg: PipelineConfig, stages: list[str], where: str = "pipeline") -
     """Everything that can be known wrong before a stage runs. `where` names the file."""
     check_sections(cfg, stages, where)
     check_files(cfg, stages, where)  # again: a config built in Python skipped load_config
+    if "evaluate" in stages and cfg.evaluate is not None and cfg.evaluate.harness is not None:
+        from distill.evaluate.harness import check_available
+
+        check_available()  # lm-eval missing: said now, not after generate and train
     for field, t in teacher_calls(cfg, stages):
         check_api_key(field, t)
     check_models(cfg, stages)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distill.evaluate.report_eval import evaluation_sections
 from distill.records import RunDir, atomic_path
 
 LABELS = {"teacher": "teacher", "base_student": "base student (before distillation)",
@@ -176,8 +177,11 @@ def write_report(run: RunDir) -> Path:
                            ("compression_ratio", "teacher / student parameters"),
                            ("cot_minus_label_only", "distilled student − label-only student")):
             if metrics.get(key) is not None:
-                lines.append(f"- {label}: **{metrics[key]}**")
+                ci = metrics.get(f"{key}_ci")
+                lines.append(f"- {label}: **{metrics[key]}**"
+                             + (f" (95% bootstrap CI [{ci[0]}, {ci[1]}])" if ci else ""))
         lines.append("")
+        lines += evaluation_sections(metrics, lab)
 
     lines += learning_section(stages.get("train") or {}, run)
 

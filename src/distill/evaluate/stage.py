@@ -1,14 +1,30 @@
-"""The evaluate stage: teacher vs base student vs trained students on the same held-out set."""
+"""The evaluate stage: teacher vs base student vs trained students on the same held-out set.
+
+Every model gives one greedy answer per item (`accuracy`, what a user expects the word to mean)
+and, with `evaluate.samples` = n > 1, n sampled answers at `evaluate.temperature` for pass@k and
+maj@k. All answers land in `evaluate/predictions.jsonl` (`mode`: greedy / sampled); metrics.json
+adds paired comparisons, per-template / per-difficulty accuracy and lm-evaluation-harness scores.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distill.config import PipelineConfig, TeacherConfig
-from distill.evaluate.metrics import accuracy, bootstrap_ci, gap_closed
+from distill.config import ConfigError, PipelineConfig, TeacherConfig
+from distill.evaluate.breakdown import item_groups
+from distill.evaluate.compare import comparison_metrics
+from distill.evaluate.harness import HarnessRunner
+from distill.evaluate.metrics import (
+    accuracy,
+    bootstrap_ci,
+    gap_closed,
+    majority_vote,
+    mean_pass_at_k,
+)
 from distill.filter.verify import answers_match
 from distill.generate.parse import parse_response
 from distill.generate.templates import chat_messages
@@ -18,6 +34,7 @@ from distill.teachers import make_teacher
 from distill.teachers.base import Job, SamplingParams
 from distill.teachers.cache import ResponseCache
 from distill.teachers.engine import run_jobs
+from distill.teachers.transformers_backend import load_causal_lm
 
 
 def dir_bytes(path: Path) -> int:
@@ -42,45 +59,114 @@ def dir_params(path: Path) -> int | None:
     return total
 
 
-def eval_jobs(cfg: PipelineConfig, items: list[dict[str, Any]], temperature: float = 0.0
-              ) -> list[Job]:
+SAMPLED = "#sampled"
+"""Job-key suffix of the sampled answers (the greedy answer keeps the bare item id)."""
+
+
+def sample_temperature(cfg: PipelineConfig) -> float:
+    """evaluate.temperature, else generate.temperature (what evaluate used before it had one)."""
     assert cfg.evaluate is not None
-    e = cfg.evaluate
-    params = SamplingParams(temperature=temperature if e.samples > 1 else 0.0, top_p=1.0,
-                            max_tokens=e.max_tokens, seed=cfg.seed)
+    t = cfg.evaluate.temperature
+    return cfg.generate.temperature if t is None else t
+
+
+def check_sampling(cfg: PipelineConfig) -> None:
+    """samples > 1 at temperature 0 would be n copies of the greedy answer: pass@k = maj@k =
+    accuracy, a table that looks informative and is not."""
+    assert cfg.evaluate is not None
+    if cfg.evaluate.samples > 1 and sample_temperature(cfg) <= 0:
+        raise ConfigError(f"evaluate.samples: {cfg.evaluate.samples} samples at temperature 0 "
+                          "are copies of the greedy answer; set evaluate.temperature > 0")
+
+
+def eval_jobs(cfg: PipelineConfig, items: list[dict[str, Any]], temperature: float = 0.0,
+              samples: int = 1, suffix: str = "") -> list[Job]:
+    """One job per item: `samples` answers at `temperature` (0: greedy), keyed id + suffix."""
+    assert cfg.evaluate is not None
+    params = SamplingParams(temperature=temperature, top_p=1.0,
+                            max_tokens=cfg.evaluate.max_tokens, seed=cfg.seed)
     prompt = cfg.resolve(cfg.generate.prompt)
-    return [Job(key=it["id"], messages=chat_messages(prompt, cfg.generate.system_prompt,
-                                                     question=it["question"]),
-                params=params, samples=list(range(e.samples))) for it in items]
+    return [Job(key=it["id"] + suffix, messages=chat_messages(prompt, cfg.generate.system_prompt,
+                                                              question=it["question"]),
+                params=params, samples=list(range(samples))) for it in items]
+
+
+def all_jobs(cfg: PipelineConfig, items: list[dict[str, Any]]) -> list[Job]:
+    """The greedy answer to every item (what `accuracy` reports, and the same request, hence
+    the same cache entry, as a samples: 1 run), then `evaluate.samples` sampled answers when
+    that is > 1 (pass@k, maj@k). One engine call, so a local model batches both."""
+    assert cfg.evaluate is not None
+    jobs = eval_jobs(cfg, items)
+    if cfg.evaluate.samples > 1:
+        jobs += eval_jobs(cfg, items, sample_temperature(cfg), cfg.evaluate.samples, SAMPLED)
+    return jobs
+
+
+def prediction_row(name: str, it: dict[str, Any], mode: str, s: int, comp: Any,
+                   groups: dict[str, Any]) -> dict[str, Any]:
+    """One line of predictions.jsonl: an answer, its parse and its grade."""
+    pred = parse_response(comp.text, comp.reasoning)["answer"] if not comp.error else None
+    return {"model": name, "id": it["id"], "mode": mode, "sample": s,
+            "question": it["question"], "gold": it["answer"], "response": comp.text,
+            "prediction": pred, "correct": answers_match(pred, it["answer"]),
+            "completion_tokens": comp.completion_tokens, "latency_s": round(comp.latency_s, 5),
+            "error": comp.error} | groups
+
+
+def sampled_summary(preds: list[dict[str, Any]], n: int, temperature: float
+                    ) -> dict[str, Any]:
+    """pass@k (unbiased, averaged over items) and maj@k (majority of the first k samples; see
+    `majority_vote` for ties) for k = 1 and k = n, keys as strings (JSON)."""
+    by_item: dict[str, list[dict[str, Any]]] = {}
+    for p in preds:
+        if p["mode"] == "sampled":
+            by_item.setdefault(p["id"], []).append(p)
+    rows = [sorted(r, key=lambda p: p["sample"]) for r in by_item.values()]
+    ks = sorted({1, n})
+    return {"samples": n, "temperature": temperature,
+            "pass_at_k": {str(k): round(mean_pass_at_k([[p["correct"] for p in r] for r in rows],
+                                                       k), 4) for k in ks},
+            "maj_at_k": {str(k): round(maj_accuracy(rows, k), 4) for k in ks}}
+
+
+def maj_accuracy(rows: list[list[dict[str, Any]]], k: int) -> float:
+    """Share of items whose majority answer among samples 0..k-1 is correct (no answer: wrong)."""
+    if not rows:
+        return 0.0
+    hits = 0
+    for r in rows:
+        i = majority_vote([p["prediction"] for p in r[:k]])
+        hits += i is not None and bool(r[i]["correct"])
+    return hits / len(rows)
 
 
 def score_model(name: str, teacher: Any, cfg: PipelineConfig, items: list[dict[str, Any]],
-                cache: ResponseCache | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                cache: ResponseCache | None, groups: list[dict[str, Any]] | None = None
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy accuracy (+ CI) and, with evaluate.samples > 1, pass@k / maj@k of one model;
+    and every answer as a prediction row (mode greedy / sampled, with the item's groups)."""
     assert cfg.evaluate is not None
-    jobs = eval_jobs(cfg, items, temperature=cfg.generate.temperature)
+    jobs = all_jobs(cfg, items)
     t0 = time.perf_counter()
     results, stats = run_jobs(teacher, jobs, cache, description=f"evaluate {name}")
     wall = time.perf_counter() - t0
-    preds, correct = [], []
-    for it, job in zip(items, jobs, strict=True):
-        for s in job.samples:
-            comp = results[(job.key, s)]
-            pred = parse_response(comp.text, comp.reasoning)["answer"] if not comp.error else None
-            ok = answers_match(pred, it["answer"])
-            correct.append(ok)
-            preds.append({"model": name, "id": it["id"], "sample": s, "question": it["question"],
-                          "gold": it["answer"], "response": comp.text, "prediction": pred,
-                          "correct": ok, "completion_tokens": comp.completion_tokens,
-                          "latency_s": round(comp.latency_s, 5), "error": comp.error})
-    n_sent = max(stats.sent, 1)
-    toks = sum(p["completion_tokens"] for p in preds)
+    n = len(items)
+    groups = groups or [{} for _ in items]
+    preds = [prediction_row(name, items[j % n], "greedy" if j < n else "sampled", s,
+                            results[(job.key, s)], groups[j % n])
+             for j, job in enumerate(jobs) for s in job.samples]
+    greedy = [p["correct"] for p in preds if p["mode"] == "greedy"]
     summary = {
-        "accuracy": round(accuracy(correct), 4),
-        "ci": bootstrap_ci(correct, cfg.evaluate.bootstrap, seed=cfg.seed),
-        "n": len(correct),
-        "latency_per_answer_s": round(wall / n_sent, 5) if stats.sent else None,
-        "tokens_per_s": round(toks / wall, 1) if stats.sent and wall > 0 else None,
+        "accuracy": round(accuracy(greedy), 4),
+        "ci": bootstrap_ci(greedy, cfg.evaluate.bootstrap, seed=cfg.seed),
+        "n": n,
+        "latency_per_answer_s": round(wall / max(stats.sent, 1), 5) if stats.sent else None,
+        "tokens_per_s": round(sum(p["completion_tokens"] for p in preds) / wall, 1)
+        if stats.sent and wall > 0 else None,
+        "items_per_s": round(n / wall, 2) if stats.sent and wall > 0 else None,
     }
+    if cfg.evaluate.samples > 1:
+        summary |= sampled_summary(preds, cfg.evaluate.samples, sample_temperature(cfg))
     return summary, preds
 
 
@@ -91,64 +177,121 @@ def local(model_dir: Path, batch_size: int, model: Any = None, tok: Any = None) 
         tcfg)
 
 
-def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
+class Evaluation:
+    """What the stage gathers as it goes: per-model summaries, every answer, harness scores."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: RunDir) -> None:
+        assert cfg.evaluate is not None
+        check_sampling(cfg)
+        self.cfg, self.e = cfg, cfg.evaluate
+        self.out = run_dir.stage("evaluate")
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Before any model is scored: a missing lm-eval, task or data file fails in seconds.
+        self.harness = HarnessRunner(cfg, self.out) if self.e.harness is not None else None
+        self.items = load_eval_set(cfg)
+        self.groups = item_groups(cfg, len(self.items))
+        self.models: dict[str, dict[str, Any]] = {}
+        self.preds: list[dict[str, Any]] = []
+        self.harness_skipped: dict[str, str] = {}
+
+    def score(self, name: str, teacher: Any, cache: ResponseCache | None = None, **extra: Any
+              ) -> None:
+        summary, preds = score_model(name, teacher, self.cfg, self.items, cache, self.groups)
+        self.models[name] = summary | extra
+        self.preds.extend(preds)
+
+    def run_harness(self, name: str, load: Callable[[], tuple[Any, Any]]) -> None:
+        """The harness tasks on one model (`load` gives model and tokenizer, only when run)."""
+        if self.harness is not None:
+            self.harness.run(name, *load())
+
+    def metrics(self, train_entry: dict[str, Any]) -> dict[str, Any]:
+        e = self.e
+        m = flat_metrics(self.models, len(self.items))
+        m |= comparison_metrics(self.models, self.preds, e.bootstrap, self.cfg.seed)
+        m["harness"] = self.harness.scores if self.harness is not None else {}
+        if self.harness is not None:
+            m["harness_info"] = self.harness.info | {"skipped": self.harness_skipped}
+        # Learning-curve summary (dev set, see train.dev): steps each student took to reach the
+        # CoT student's final dev accuracy.
+        for key in ("dev_target", "steps_to_dev_target"):
+            if key in train_entry:
+                m[key] = train_entry[key]
+        return m
+
+
+def loaded(teacher: Any, tcfg: TeacherConfig, cfg: PipelineConfig) -> tuple[Any, Any]:
+    """Model and tokenizer of a local model: the one already in memory, else loaded (every
+    answer came from the cache, or from worker processes)."""
+    if getattr(teacher, "model", None) is not None:
+        return teacher.model, teacher.tokenizer
+    name = str(cfg.resolve(tcfg.model)) if cfg.resolve(tcfg.model).exists() else tcfg.model
+    return load_causal_lm(name, trust_remote_code=tcfg.trust_remote_code, dtype=tcfg.dtype,
+                          device=tcfg.device)
+
+
+def eval_teacher(ev: Evaluation, run_dir: RunDir) -> None:
+    from distill.train.student import count_params
+
+    cfg = ev.cfg
+    cache = ResponseCache(run_dir.cache)
+    teacher_cfg = cfg.teacher.model_copy(update={"batch_size": ev.e.batch_size})
+    teacher = make_teacher(teacher_cfg)
+    params, nbytes = None, None
+    try:
+        summary, preds = score_model("teacher", teacher, cfg, ev.items, cache, ev.groups)
+    finally:
+        cache.close()
+    if cfg.teacher.backend == "transformers":
+        # Every answer may have come from the cache, with the model never loaded.
+        params = (count_params(teacher.model) if teacher.model is not None
+                  else dir_params(cfg.resolve(cfg.teacher.model)))
+        nbytes = dir_bytes(cfg.resolve(cfg.teacher.model))
+    ev.models["teacher"] = summary | {"params": params, "bytes": nbytes}
+    ev.preds.extend(preds)
+    if cfg.teacher.backend == "transformers":
+        ev.run_harness("teacher", lambda: loaded(teacher, teacher_cfg, cfg))
+    elif ev.harness is not None:
+        ev.harness_skipped["teacher"] = (f"teacher.backend {cfg.teacher.backend}: the harness "
+                                         "runs local transformers models only")
+
+
+def eval_base(ev: Evaluation) -> None:
+    """The base student: what the student was before training (fresh init or pretrained)."""
     from distill.train.student import build_student, count_params, load_tokenizer
 
-    assert cfg.evaluate is not None
-    e = cfg.evaluate
-    items = load_eval_set(cfg)
-    models: dict[str, dict[str, Any]] = {}
-    all_preds: list[dict[str, Any]] = []
-
-    def record(name: str, summary: dict[str, Any], preds: list[dict[str, Any]], **extra: Any
-               ) -> None:
-        models[name] = summary | extra
-        all_preds.extend(preds)
-
-    if e.evaluate_teacher:
-        cache = ResponseCache(run_dir.cache)
-        teacher_cfg = cfg.teacher.model_copy(update={"batch_size": e.batch_size})
-        teacher = make_teacher(teacher_cfg)
-        summary, preds = score_model("teacher", teacher, cfg, items, cache)
-        cache.close()
-        params, nbytes = None, None
-        if cfg.teacher.backend == "transformers":
-            # Every answer may have come from the cache, with the model never loaded.
-            params = (count_params(teacher.model) if teacher.model is not None
-                      else dir_params(cfg.resolve(cfg.teacher.model)))
-            nbytes = dir_bytes(cfg.resolve(cfg.teacher.model))
-        record("teacher", summary, preds, params=params, bytes=nbytes)
-
-    # The base student: what the student was before training (fresh init or pretrained weights).
+    cfg = ev.cfg
     tok = load_tokenizer(cfg)
     base = build_student(cfg, tok)
-    summary, preds = score_model("base_student", local(Path("base"), e.batch_size, base, tok),
-                                 cfg, items, None)
     base_dir = cfg.resolve(cfg.train.student) if cfg.train.student else None
-    record("base_student", summary, preds, params=count_params(base),
-           bytes=dir_bytes(base_dir) if base_dir is not None and base_dir.is_dir() else None)
-    del base
+    ev.score("base_student", local(Path("base"), ev.e.batch_size, base, tok),
+             params=count_params(base),
+             bytes=dir_bytes(base_dir) if base_dir is not None and base_dir.is_dir() else None)
+    ev.run_harness("base_student", lambda: (base, tok))
 
-    train_entry = run_dir.manifest()["stages"].get("train") or {}
+
+def eval_trained(ev: Evaluation, run_dir: RunDir, train_entry: dict[str, Any]) -> None:
     trained = train_entry.get("students") or {"student": {"dir": "student"}}
     for name, info in trained.items():
         mdir = run_dir.root / info["dir"]
         if not (mdir / "config.json").exists():
             continue
-        summary, preds = score_model(name, local(mdir, e.batch_size), cfg, items, None)
-        record(name, summary, preds, params=info.get("params"), bytes=dir_bytes(mdir),
-               train_s=info.get("train_s"), steps=info.get("steps"))
+        t = local(mdir, ev.e.batch_size)
+        ev.score(name, t, params=info.get("params"), bytes=dir_bytes(mdir),
+                 train_s=info.get("train_s"), steps=info.get("steps"))
+        ev.run_harness(name, lambda t=t: loaded(t, t.cfg, ev.cfg))
 
-    metrics = flat_metrics(models, len(items))
-    # Learning-curve summary (dev set, see train.dev): steps each student took to reach the CoT
-    # student's final dev accuracy.
-    for key in ("dev_target", "steps_to_dev_target"):
-        if key in train_entry:
-            metrics[key] = train_entry[key]
-    out = run_dir.stage("evaluate")
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "predictions.jsonl", all_preds)
-    write_json(out / "metrics.json", metrics)
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
+    ev = Evaluation(cfg, run_dir)
+    if ev.e.evaluate_teacher:
+        eval_teacher(ev, run_dir)
+    eval_base(ev)
+    train_entry = run_dir.manifest()["stages"].get("train") or {}
+    eval_trained(ev, run_dir, train_entry)
+    metrics = ev.metrics(train_entry)
+    write_jsonl(ev.out / "predictions.jsonl", ev.preds)
+    write_json(ev.out / "metrics.json", metrics)
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
 
 

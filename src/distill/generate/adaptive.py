@@ -23,8 +23,8 @@ from typing import Any
 
 from distill.config import AdaptiveConfig, PipelineConfig, VerifyConfig
 from distill.filter.verify import answers_match, verify_row
-from distill.generate import soft_targets
-from distill.generate.cot import generation_row, sampling_params
+from distill.generate import batching, soft_targets
+from distill.generate.cot import generation_row, sampling_params, structured_format
 from distill.generate.templates import chat_messages
 from distill.records import RunDir
 from distill.seeds import load_seeds
@@ -69,6 +69,7 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
     seeds = load_seeds(cfg)
     params = sampling_params(cfg)
     template = cfg.resolve(cfg.generate.prompt)
+    fmt = structured_format(cfg)
     messages = {s["id"]: chat_messages(template, cfg.generate.system_prompt,
                                        question=s["question"]) for s in seeds}
     drawn: Counter[str] = Counter()
@@ -77,7 +78,8 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
     rows: list[dict[str, Any]] = []
     per_round: list[dict[str, Any]] = []
     total = EngineStats()
-    teacher = make_teacher(cfg.teacher, **soft_targets.teacher_options(cfg))
+    teacher = make_teacher(cfg.teacher, batch_record=batching.record_path(run_dir),
+                           **soft_targets.teacher_options(cfg))
     cache = ResponseCache(run_dir.cache)
     try:
         for r in range(a.rounds):
@@ -88,7 +90,7 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
                 if n:
                     start = drawn[s["id"]]
                     jobs.append(Job(key=s["id"], messages=messages[s["id"]], params=params,
-                                    samples=list(range(start, start + n))))
+                                    samples=list(range(start, start + n)), response_format=fmt))
             if not jobs or total.budget_stopped:
                 break
             results, stats = run_jobs(

@@ -29,12 +29,13 @@ import numpy as np
 from distill.config import ConfigError, PipelineConfig, SelfInstructConfig
 from distill.filter.dedup import near_duplicate_pairs
 from distill.filter.rows import normalize_text, words
+from distill.generate import batching
 from distill.generate.parse import split_think
 from distill.generate.templates import chat_messages, render
 from distill.records import RunDir, empty_generation
 from distill.seeds import read_rows
 from distill.teachers import make_teacher
-from distill.teachers.base import Completion, Job, SamplingParams, cost_usd
+from distill.teachers.base import Completion, Job, SamplingParams, completion_cost
 from distill.teachers.cache import ResponseCache
 from distill.teachers.engine import EngineStats, run_jobs
 
@@ -383,7 +384,7 @@ class _Calls:
 
     def __init__(self, cfg: PipelineConfig, run_dir: RunDir) -> None:
         self.cfg = cfg
-        self.teacher = make_teacher(cfg.teacher)
+        self.teacher = make_teacher(cfg.teacher, batch_record=batching.record_path(run_dir))
         self.cache = ResponseCache(run_dir.cache)
         self.steps: dict[str, EngineStats] = {}
         self.cost: defaultdict[str, float] = defaultdict(float)
@@ -404,8 +405,7 @@ class _Calls:
         total.budget_stopped |= stats.budget_stopped
         total.notes += stats.notes
         t = self.cfg.teacher
-        self.cost[step] += sum(cost_usd(c.prompt_tokens, c.completion_tokens,
-                                        t.price_in_per_mtok, t.price_out_per_mtok)
+        self.cost[step] += sum(completion_cost(c, t.price_in_per_mtok, t.price_out_per_mtok)
                                for c in results.values())
         return results
 
@@ -520,9 +520,10 @@ def generate_instructions(cfg: PipelineConfig, run_dir: RunDir
                 rationale=(visible.strip() or None) if not comp.error else None,
                 answer=None, finish_reason=comp.finish_reason,
                 prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens,
-                cost_usd=cost_usd(comp.prompt_tokens, comp.completion_tokens,
-                                  cfg.teacher.price_in_per_mtok, cfg.teacher.price_out_per_mtok),
+                cost_usd=completion_cost(comp, cfg.teacher.price_in_per_mtok,
+                                         cfg.teacher.price_out_per_mtok),
                 latency_s=round(comp.latency_s, 4), teacher=teacher, error=comp.error,
+                teacher_served=comp.extra.get("served_model"),
                 teacher_prompt=job.messages[-1]["content"],
                 proposal_round=inst["proposal_round"],
                 evolve_round=inst["evolve_round"], evolve_method=inst["evolve_method"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from distill.config import ConfigError, PipelineConfig
-from distill.generate import soft_targets
+from distill.generate import batching, soft_targets
 from distill.generate.cot import build_jobs, generation_row
 from distill.generate.parse import parse_response
 from distill.generate.templates import chat_messages
@@ -65,7 +65,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         cache = ResponseCache(run_dir.cache)
         try:
             results, engine_stats = run_jobs(
-                make_teacher(cfg.teacher, **soft_targets.teacher_options(cfg)), jobs, cache,
+                make_teacher(cfg.teacher, batch_record=batching.record_path(run_dir),
+                             **soft_targets.teacher_options(cfg)), jobs, cache,
                 price_in=cfg.teacher.price_in_per_mtok, price_out=cfg.teacher.price_out_per_mtok,
                 description="generate", need_logprobs=bool(soft_targets.kd_needs_stored(cfg)),
             )
@@ -77,7 +78,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         soft_targets.enforce(cfg, rows)
         stats = engine_stats.as_dict() | {"seeds": len(seeds)} | soft_targets.manifest_note(
             cfg, rows)
-    write_stage(run_dir.stage("generate"), rows, "generations.jsonl")
+    write_stage(run_dir.stage("generate"), rows, "generations.jsonl",
+                extra=batching.carried(run_dir))
     stats.update(rows=len(rows), errors=sum(bool(r.get("error")) for r in rows),
                  prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in rows),
                  completion_tokens=sum(r.get("completion_tokens") or 0 for r in rows),

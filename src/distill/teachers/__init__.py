@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, TeacherConfig
 
 
-def make_teacher(cfg: TeacherConfig, **kwargs: Any) -> Any:
+def make_teacher(cfg: TeacherConfig, *, batch_record: Path | None = None, **kwargs: Any) -> Any:
+    """The backend `cfg` names. `batch_record`: where a stage that can wait for the Batch API
+    keeps its batch ids (`teacher.batch`); without it (judge, evaluate) requests go online."""
+    if cfg.backend == "openai" and cfg.batch and batch_record is not None:
+        from distill.teachers.batch import BatchTeacher
+
+        return BatchTeacher(cfg, record_path=batch_record, **kwargs)
     if cfg.backend == "transformers":
         from distill.teachers.transformers_backend import TransformersTeacher
 

@@ -33,6 +33,14 @@ class Job:
     messages: list[dict[str, str]]
     params: SamplingParams
     samples: list[int]
+    response_format: dict[str, Any] | None = None
+    """OpenAI `response_format` (json_schema) the response must follow (`teachers.structured`);
+    part of the cache key when set."""
+
+    def pending(self, samples: list[int]) -> Job:
+        """This prompt with only `samples` still wanted."""
+        return Job(key=self.key, messages=self.messages, params=self.params, samples=samples,
+                   response_format=self.response_format)
 
 
 @dataclass
@@ -79,3 +87,10 @@ class Teacher(Protocol):
 def cost_usd(prompt_tokens: int, completion_tokens: int, price_in: float,
              price_out: float) -> float:
     return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
+
+
+def completion_cost(comp: Completion, price_in: float, price_out: float) -> float:
+    """What `comp` cost at the online prices, times the discount it was served at (a Batch API
+    completion carries `extra["price_factor"]`, e.g. 0.5)."""
+    factor = comp.extra.get("price_factor", 1.0) if comp.extra else 1.0
+    return cost_usd(comp.prompt_tokens, comp.completion_tokens, price_in, price_out) * factor

@@ -18,12 +18,12 @@ from distill.teachers.base import Completion, SamplingParams
 
 
 def cache_key(backend: str, model: str, messages: list[dict[str, str]], params: SamplingParams,
-              sample: int) -> str:
-    blob = json.dumps(
-        {"backend": backend, "model": model, "messages": messages, "params": params.as_dict(),
-         "sample": sample},
-        sort_keys=True, ensure_ascii=False,
-    )
+              sample: int, response_format: dict[str, Any] | None = None) -> str:
+    fields: dict[str, Any] = {"backend": backend, "model": model, "messages": messages,
+                              "params": params.as_dict(), "sample": sample}
+    if response_format is not None:  # absent otherwise: earlier caches keep their keys
+        fields["response_format"] = response_format
+    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

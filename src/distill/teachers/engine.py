@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from distill.teachers.base import Completion, Job, cost_usd
+from distill.teachers.base import Completion, Job, completion_cost
 from distill.teachers.cache import ResponseCache, cache_key
 
 
@@ -107,7 +107,8 @@ async def arun_jobs(
     model_id = getattr(teacher, "model_id", getattr(teacher, "model", ""))
     for job in jobs:
         for s in job.samples:
-            keys[(job.key, s)] = cache_key(teacher.backend, model_id, job.messages, job.params, s)
+            keys[(job.key, s)] = cache_key(teacher.backend, model_id, job.messages, job.params, s,
+                                           job.response_format)
     stats.requested = len(keys)
     hits = cache.get_many(list(keys.values())) if cache else {}
     todo: list[Job] = []
@@ -120,7 +121,7 @@ async def arun_jobs(
             else:
                 missing.append(s)
         if missing:
-            todo.append(Job(key=job.key, messages=job.messages, params=job.params, samples=missing))
+            todo.append(job.pending(missing))
     stats.cached = len(results)
 
     progress = make_progress()
@@ -139,8 +140,7 @@ async def arun_jobs(
                 stats.failed += bool(comp.error)
                 stats.prompt_tokens += comp.prompt_tokens
                 stats.completion_tokens += comp.completion_tokens
-                stats.cost_usd += cost_usd(comp.prompt_tokens, comp.completion_tokens,
-                                           price_in, price_out)
+                stats.cost_usd += completion_cost(comp, price_in, price_out)
                 if comp.error and "budget" in comp.error:
                     stats.budget_stopped = True
                 progress.update(task, advance=1,

@@ -197,6 +197,18 @@ class Budget:
                     raise BudgetExhausted
                 await self._cond.wait()
 
+    def try_reserve(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """Reserve the worst-case cost if it fits now, else None (never waits: a Batch API run
+        cannot wait on reservations that settle hours later in the same coroutine)."""
+        if not self.enabled:
+            return 0.0
+        assert self.max_usd is not None
+        amount = self.cost(prompt_tokens, completion_tokens)
+        if self.closed or self.spent + self.reserved + amount > self.max_usd + 1e-12:
+            return None
+        self.reserved += amount
+        return amount
+
     async def settle(self, reserved: float, prompt_tokens: int, completion_tokens: int) -> None:
         """Replace a reservation by what the request actually cost."""
         self.spent += self.cost(prompt_tokens, completion_tokens)

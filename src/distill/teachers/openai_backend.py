@@ -26,7 +26,6 @@ client and never kept on this object, written to a file or put in an error messa
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -36,6 +35,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import urlparse
+
+import orjson
 
 from distill.config import ConfigError, TeacherConfig
 from distill.teachers.base import Completion, Job
@@ -49,8 +50,14 @@ from distill.teachers.limits import (
     backoff_delay,
     parse_retry_after,
 )
-from distill.teachers.reasoning import normalize_message
 from distill.teachers.replicas import Replica, ReplicaPool
+from distill.teachers.responses import (
+    estimate_choice_tokens,
+    read_choice,
+    retry_note,
+    served_model,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +215,19 @@ class OpenAITeacher:
         timeout = httpx2.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 10.0))
         limits = httpx2.Limits(max_connections=cfg.max_concurrency * 2 + 8,
                                max_keepalive_connections=cfg.max_concurrency + 8)
-        replicas = [
-            Replica(url=url, client=AsyncOpenAI(
-                base_url=url, api_key=key, max_retries=0, timeout=timeout,
-                http_client=DefaultAsyncHttpxClient(timeout=timeout, limits=limits)))
-            for url in self.urls
-        ]
+        if cfg.http_client == "direct":
+            from distill.teachers.direct_http import DirectClient
+
+            replicas = [Replica(url=url, client=DirectClient(url, key, timeout=timeout,
+                                                             limits=limits))
+                        for url in self.urls]
+        else:
+            replicas = [
+                Replica(url=url, client=AsyncOpenAI(
+                    base_url=url, api_key=key, max_retries=0, timeout=timeout,
+                    http_client=DefaultAsyncHttpxClient(timeout=timeout, limits=limits)))
+                for url in self.urls
+            ]
         del key
         self._pool = ReplicaPool(replicas, max_failures=self.replica_max_failures,
                                  cooldown_s=self.replica_cooldown_s, probe=self._probe,
@@ -236,7 +250,10 @@ class OpenAITeacher:
                 log.debug("closing client for %s: %s", r.url, type(err).__name__)
 
     async def _probe(self, replica: Replica) -> bool:
-        await replica.client.models.list(timeout=min(5.0, self.cfg.timeout_s))
+        if self.cfg.http_client == "direct":
+            await replica.client.probe(min(5.0, self.cfg.timeout_s))
+        else:
+            await replica.client.models.list(timeout=min(5.0, self.cfg.timeout_s))
         return True
 
     # the protocol ---------------------------------------------------------------------------
@@ -405,8 +422,12 @@ class OpenAITeacher:
             self.counters["requests"] += 1
             t0 = time.perf_counter()
             try:
-                raw = await replica.client.chat.completions.with_raw_response.create(**kwargs)
-                content = raw.content
+                if self.cfg.http_client == "direct":
+                    content = await replica.client.chat(kwargs)
+                else:
+                    raw = await replica.client.chat.completions.with_raw_response.create(
+                        **kwargs)
+                    content = raw.content
             except Exception as err:  # noqa: BLE001 - classified below
                 self._classify(err, replica, kwargs)
             finally:
@@ -430,6 +451,8 @@ class OpenAITeacher:
         if params.top_logprobs > 0:
             kwargs["logprobs"] = True
             kwargs["top_logprobs"] = params.top_logprobs
+        if unit.job.response_format is not None:
+            kwargs["response_format"] = unit.job.response_format
         if self.cfg.extra_body:
             kwargs["extra_body"] = self.cfg.extra_body
         return kwargs
@@ -437,7 +460,7 @@ class OpenAITeacher:
     def _parse(self, replica: Replica, content: bytes) -> dict[str, Any]:
         assert self._pool is not None
         try:
-            body = json.loads(content)
+            body = orjson.loads(content)
         except ValueError:
             self.counters["malformed"] += 1
             self._pool.failure(replica, "malformed JSON")
@@ -517,7 +540,7 @@ class OpenAITeacher:
         if usage and isinstance(usage.get("completion_tokens"), int):
             completion = int(usage["completion_tokens"])
         else:
-            completion = sum(_estimate_choice_tokens(c) for c in body.get("choices") or [])
+            completion = sum(estimate_choice_tokens(c) for c in body.get("choices") or [])
         return prompt, completion
 
     def _accept(self, unit: _Unit, batch: list[int], body: dict[str, Any], latency: float,
@@ -527,38 +550,29 @@ class OpenAITeacher:
         choices.sort(key=lambda c: c["index"] if isinstance(c.get("index"), int) else 0)
         choices = choices[: len(batch)]
         estimated = not isinstance(body.get("usage"), dict)
-        prompt_split = _split(usage[0], [1] * len(choices))
-        completion_split = _split(usage[1], [_estimate_choice_tokens(c) for c in choices])
+        prompt_split = split(usage[0], [1] * len(choices))
+        completion_split = split(usage[1], [estimate_choice_tokens(c) for c in choices])
         done: list[tuple[int, Completion]] = []
         retry_reason: str | None = None
+        served = served_model(body)
         for sample, choice, p_tok, c_tok in zip(batch, choices, prompt_split, completion_split,
                                                 strict=False):
-            message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-            reasoning, text = normalize_message(message)
-            finish = choice.get("finish_reason")
-            finish = finish if isinstance(finish, str) else None
+            read = read_choice(cfg, unit.job, choice)
             carried = unit.carried.setdefault(sample, [0, 0])
             carried[0] += p_tok
             carried[1] += c_tok
-            policy, why = "keep", None
-            if finish == "length":
-                policy = cfg.on_length
-                why = f"length (max_tokens={unit.job.params.max_tokens})"
-            elif finish == "content_filter":
-                policy, why = cfg.on_content_filter, "content_filter"
-            elif not text.strip():
-                policy, why = "retry", "empty content"
+            if read.why == "empty content":
                 self.counters["empty"] += 1
-            if policy == "retry":
-                retry_reason = why
+            if read.policy == "retry":
+                retry_reason = read.why
                 continue
-            comp = Completion(text=text, reasoning=reasoning, finish_reason=finish,
-                              prompt_tokens=carried[0], completion_tokens=carried[1],
-                              latency_s=latency)
-            if policy == "drop":
-                comp.error = f"dropped: finish_reason={why}"
+            comp = Completion(text=read.text, reasoning=read.reasoning,
+                              finish_reason=read.finish_reason, prompt_tokens=carried[0],
+                              completion_tokens=carried[1], latency_s=latency)
+            if read.policy == "drop":
+                comp.error = f"dropped: finish_reason={read.why}"
             if unit.job.params.top_logprobs > 0:
-                comp.top_logprobs = _top_logprobs(choice)
+                comp.top_logprobs = read.top_logprobs
                 if comp.top_logprobs is None:
                     self._no_logprobs()
             extra: dict[str, Any] = {}
@@ -566,6 +580,10 @@ class OpenAITeacher:
                 extra["attempts"] = unit.attempts + 1
             if estimated:
                 extra["usage_estimated"] = True
+            if served:
+                extra["served_model"] = served
+            if read.parsed is not None:
+                extra["parsed"] = read.parsed
             comp.extra = extra
             done.append((sample, comp))
         finished = {s for s, _ in done}
@@ -573,8 +591,7 @@ class OpenAITeacher:
         if unit.samples and retry_reason:
             unit.attempts += 1
             unit.reseed += 1
-            unit.last_error = f"finish_reason={retry_reason}" \
-                if retry_reason != "empty content" else "empty content"
+            unit.last_error = retry_note(retry_reason)
         elif unit.samples:
             # Fewer usable choices than asked. When each one became a sample that is progress,
             # not a failed attempt (so a server that ignores n loses no sample, whatever
@@ -632,47 +649,3 @@ def _about_n(err: Any, text: str) -> bool:
     if getattr(err, "param", None) == "n":
         return True
     return bool(re.search(r"(^|[^\w])['\"`]?n['\"`]?\s*(>|must|should|=|is|not|only)", text))
-
-
-def _estimate_choice_tokens(choice: Any) -> int:
-    if not isinstance(choice, dict):
-        return 1
-    logprobs = choice.get("logprobs")
-    if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-        return max(1, len(logprobs["content"]))
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    chars = sum(len(v) for k in ("content", "reasoning_content", "reasoning")
-                if isinstance(v := message.get(k), str))
-    return max(1, chars // 4)
-
-
-def _split(total: int, weights: list[int]) -> list[int]:
-    """Split `total` in proportion to `weights`; the parts add up to `total` exactly."""
-    if not weights:
-        return []
-    w = [max(1, x) for x in weights]
-    s = sum(w)
-    parts = [total * x // s for x in w]
-    for i in range(total - sum(parts)):
-        parts[i % len(parts)] += 1
-    return parts
-
-
-def _top_logprobs(choice: dict[str, Any]) -> list[list[tuple[int | str, float]]] | None:
-    logprobs = choice.get("logprobs")
-    content = logprobs.get("content") if isinstance(logprobs, dict) else None
-    if not isinstance(content, list):
-        return None
-    steps: list[list[tuple[int | str, float]]] = []
-    for tok in content:
-        if not isinstance(tok, dict):
-            continue
-        top = tok.get("top_logprobs") or []
-        pairs: list[tuple[int | str, float]] = [
-            (str(t.get("token", "")), float(t.get("logprob", 0.0)))
-            for t in top if isinstance(t, dict)
-        ]
-        if not pairs and "token" in tok:
-            pairs = [(str(tok["token"]), float(tok.get("logprob", 0.0)))]
-        steps.append(pairs)
-    return steps

@@ -1,0 +1,432 @@
+"""`teacher.batch`: the OpenAI Batch API against a loopback server with the batch endpoints.
+
+The fake server runs each batch line through the same scripted handler the online tests use, so
+every fault of a line (500, 400, empty content) and of a batch (expired, cancelled, failed) is
+scripted; each test checks what a user pays for: which batches were created, which lines the
+provider ran, and that every sample ends as a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fakeserver_fixture  # noqa: E402
+from fakeserver import BatchPlan, FakeServer, Reply, Request, error_body, ok  # noqa: E402
+
+from distill.config import PipelineConfig, TeacherConfig  # noqa: E402
+from distill.teachers import make_teacher  # noqa: E402
+from distill.teachers.base import Completion, Job, SamplingParams  # noqa: E402
+from distill.teachers.batch import BatchTeacher  # noqa: E402
+from distill.teachers.batch_files import (  # noqa: E402
+    BatchRecord,
+    make_line,
+    split_lines,
+    write_batch_jsonl,
+)
+from distill.teachers.cache import ResponseCache  # noqa: E402
+from distill.teachers.engine import EngineStats, run_jobs  # noqa: E402
+from distill.teachers.estimate import estimate  # noqa: E402
+
+fake_server = fakeserver_fixture.fake_server
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def batch_cfg(url: str, **kw: Any) -> TeacherConfig:
+    base: dict[str, Any] = dict(backend="openai", model="fake-model", base_url=url,
+                                api_key_env=None, batch=True, batch_poll_s=0.02, max_retries=2,
+                                timeout_s=5.0, price_in_per_mtok=2.0, price_out_per_mtok=8.0)
+    base.update(kw)
+    return TeacherConfig(**base)
+
+
+def make_jobs(n: int, samples: int = 1, prefix: str = "q") -> list[Job]:
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=16, seed=11)
+    return [Job(key=f"{prefix}{i}", messages=[{"role": "user", "content": f"{prefix}{i}"}],
+                params=params, samples=list(range(samples))) for i in range(n)]
+
+
+def run(cfg: TeacherConfig, jobs: list[Job], record: Path | None,
+        cache: ResponseCache | None = None, **kw: Any
+        ) -> tuple[dict[tuple[str, int], Completion], EngineStats, Any]:
+    teacher = make_teacher(cfg, batch_record=record, **kw)
+    results, stats = run_jobs(teacher, jobs, cache, price_in=cfg.price_in_per_mtok,
+                              price_out=cfg.price_out_per_mtok, show_progress=False)
+    return results, stats, teacher
+
+
+def batch_lines(server: FakeServer, i: int) -> list[dict[str, Any]]:
+    """The request lines of the i-th batch created on `server`."""
+    body = server.batch.created[i]
+    data = server.batch.files[body["input_file_id"]]["data"]
+    return [json.loads(x) for x in data.splitlines()]
+
+
+def assert_all_ok(results: dict[tuple[str, int], Completion], jobs: list[Job]) -> None:
+    assert set(results) == {(j.key, s) for j in jobs for s in j.samples}
+    errors = {k: c.error for k, c in results.items() if c.error}
+    assert not errors, errors
+
+
+# the happy path ------------------------------------------------------------------------------
+def test_batch_happy_path_rows_usage_and_batch_price(fake_server: FakeServer,
+                                                     tmp_path: Path) -> None:
+    fake_server.batch.default = BatchPlan(after=0.3)
+    cfg = batch_cfg(fake_server.url, extra_body={"chat_template_kwargs": {"x": 1}})
+    jobs = make_jobs(4, samples=2)
+    record = tmp_path / "generate" / "batches.json"
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    results, stats, teacher = run(cfg, jobs, record, cache)
+    assert isinstance(teacher, BatchTeacher)
+    assert_all_ok(results, jobs)
+    assert fake_server.chat_count == 0  # nothing went online
+
+    # One upload for purpose batch, one batch on /v1/chat/completions with a 24h window.
+    assert len(fake_server.batch.created) == 1
+    created = fake_server.batch.created[0]
+    assert created["endpoint"] == "/v1/chat/completions"
+    assert created["completion_window"] == "24h"
+    lines = batch_lines(fake_server, 0)
+    assert len(lines) == 8 and len({x["custom_id"] for x in lines}) == 8
+    assert all(x["method"] == "POST" and x["url"] == "/v1/chat/completions" for x in lines)
+    body = lines[0]["body"]
+    assert body["model"] == "fake-model" and body["max_tokens"] == 16
+    assert body["temperature"] == 0.7 and body["top_p"] == 0.9
+    assert body["chat_template_kwargs"] == {"x": 1} and "n" not in body
+    assert sorted(x["body"]["seed"] for x in lines if x["body"]["messages"][0]["content"]
+                  == "q0") == [11, 12]  # one seed per sample
+
+    # The batch went validating -> in_progress -> completed, and each state was polled.
+    seen = fake_server.batch.statuses[next(iter(fake_server.batch.batches))]
+    assert seen[0] == "validating" and "in_progress" in seen and seen[-1] == "completed"
+
+    # Usage is what the server billed; the cost is at half the online price.
+    billed = [json.loads(json.dumps(ok(r).body))["usage"] for r in fake_server.batch.lines]
+    p_tok = sum(u["prompt_tokens"] for u in billed)
+    c_tok = sum(u["completion_tokens"] for u in billed)
+    assert (stats.prompt_tokens, stats.completion_tokens) == (p_tok, c_tok)
+    assert stats.cost_usd == pytest.approx(0.5 * (p_tok * 2.0 + c_tok * 8.0) / 1e6)
+    comp = results[("q1", 1)]
+    assert comp.text == "echo: q1 [seed=12 choice=0]" and comp.finish_reason == "stop"
+    assert comp.extra["price_factor"] == 0.5 and comp.extra["served_model"] == "fake-model"
+
+    # The batch id is on disk; a rerun finds everything in the cache and creates nothing.
+    saved = json.loads(record.read_text())
+    assert [b["id"] for b in saved["batches"]] == list(fake_server.batch.batches)
+    assert saved["batches"][0]["collected"] and saved["batches"][0]["status"] == "completed"
+    again, stats2, _ = run(cfg, jobs, record, cache)
+    cache.close()
+    assert stats2.cached == 8 and stats2.sent == 0 and len(fake_server.batch.created) == 1
+    assert {k: c.text for k, c in again.items()} == {k: c.text for k, c in results.items()}
+
+
+def test_without_a_record_path_requests_go_online(fake_server: FakeServer) -> None:
+    """Judge and evaluate pass no record: they never batch (a kill could not resume)."""
+    cfg = batch_cfg(fake_server.url)
+    results, _, teacher = run(cfg, make_jobs(2), None)
+    assert not isinstance(teacher, BatchTeacher)
+    assert_all_ok(results, make_jobs(2))
+    assert fake_server.chat_count == 2 and not fake_server.batch.created
+
+
+# kill -9 after submission ----------------------------------------------------------------------
+def generate_config(tmp_path: Path, url: str, n: int = 6) -> PipelineConfig:
+    (tmp_path / "seeds.jsonl").write_text("".join(
+        f'{{"id": "s{i}", "question": "What is {i} + 1?", "answer": "{i + 1}"}}\n'
+        for i in range(n)))
+    (tmp_path / "p.j2").write_text("{{ question }}")
+    return PipelineConfig.model_validate({
+        "name": "batch", "root": str(tmp_path), "seeds": {"path": "seeds.jsonl"},
+        "teacher": {"backend": "openai", "model": "fake-model", "base_url": url,
+                    "api_key_env": None, "batch": True, "batch_poll_s": 0.05,
+                    "price_in_per_mtok": 2.0, "price_out_per_mtok": 8.0},
+        "generate": {"prompt": "p.j2", "max_tokens": 16, "samples_per_prompt": 2},
+    })
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from test_batch_api import generate_config
+    from distill.pipeline import run_stage
+    from distill.records import RunDir
+
+    tmp, url = Path(sys.argv[1]), sys.argv[2]
+    run_stage("generate", generate_config(tmp, url), RunDir(tmp / "run"))
+    print("finished", flush=True)
+""")
+
+
+def recorded_batches(record: Path) -> list[dict[str, Any]]:
+    """The batches in the record (written atomically: a reader never sees half a file)."""
+    return json.loads(record.read_text())["batches"] if record.exists() else []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
+def test_kill_after_submission_then_rerun_polls_the_same_batch(tmp_path: Path) -> None:
+    from distill.pipeline import run_stage
+    from distill.records import RunDir, read_jsonl
+
+    record = tmp_path / "run" / "generate" / "batches.json"
+    with FakeServer() as server:
+        server.batch.default = BatchPlan(after=2.0)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILL_SCRIPT, str(tmp_path), server.url,
+             str(Path(__file__).resolve().parent)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not recorded_batches(record) and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"generate exited early: {proc.communicate()}")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert proc.returncode == -signal.SIGKILL
+        assert len(server.batch.created) == 1
+        assert json.loads(record.read_text())["batches"][0]["collected"] is False
+
+        entry = run_stage("generate", generate_config(tmp_path, server.url), RunDir(
+            tmp_path / "run"))
+        assert entry["status"] == "done" and entry["rows"] == 12 and entry["errors"] == 0
+        assert len(server.batch.created) == 1  # polled, never submitted again
+        assert len(server.batch.lines) == 12  # each sample ran (and was paid for) once
+        assert server.chat_count == 0
+        rows = read_jsonl(tmp_path / "run" / "generate" / "generations.jsonl")
+        assert all(r["teacher_served"] == "fake-model" for r in rows)
+        billed = sum(r["prompt_tokens"] * 2.0 + r["completion_tokens"] * 8.0 for r in rows) / 1e6
+        assert entry["cost_usd"] == pytest.approx(0.5 * billed, abs=1e-6)
+        # The record stays with the stage's output: the ids the data came from.
+        kept = json.loads(record.read_text())["batches"]
+        assert [b["id"] for b in kept] == list(server.batch.batches) and kept[0]["collected"]
+
+
+def test_batch_created_but_not_recorded_is_found_by_its_tag(fake_server: FakeServer,
+                                                            tmp_path: Path) -> None:
+    """Killed between the provider creating the batch and the id reaching the record."""
+    cfg = batch_cfg(fake_server.url)
+    jobs = make_jobs(3)
+    record_path = tmp_path / "batches.json"
+    lines = [make_line(cfg, "openai", j, 0) for j in jobs]
+    data = b"".join(x.data for x in lines)
+    from openai import OpenAI
+
+    client = OpenAI(base_url=fake_server.url, api_key="EMPTY")
+    upload = client.files.create(file=("b.jsonl", data, "application/jsonl"), purpose="batch")
+    record = BatchRecord(record_path)
+    intent = record.intend(upload.id, [x.custom_id for x in lines])
+    client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                          completion_window="24h", metadata={"distill_tag": intent["tag"]})
+    client.close()
+
+    results, _, teacher = run(cfg, jobs, record_path)
+    assert_all_ok(results, jobs)
+    assert len(fake_server.batch.created) == 1 and len(fake_server.batch.lines) == 3
+    assert teacher.counters["batches_resumed"] == 1
+    saved = json.loads(record_path.read_text())
+    assert saved["intents"] == [] and len(saved["batches"]) == 1
+
+
+# failed lines ----------------------------------------------------------------------------------
+def flaky_lines(fail: set[str], times: int, fault: Reply) -> Any:
+    """Lines for prompts in `fail` get `fault` the first `times` times."""
+    seen: dict[str, int] = {}
+
+    def handler(req: Request) -> Reply:
+        i = seen.get(req.prompt, 0)
+        seen[req.prompt] = i + 1
+        if req.prompt in fail and i < times:
+            return fault
+        return ok(req)
+
+    return handler
+
+
+def test_failed_lines_are_retried_in_a_follow_up_batch(fake_server: FakeServer,
+                                                      tmp_path: Path) -> None:
+    fake_server.handler = flaky_lines({"q1", "q4"}, 1, Reply(500, error_body("overloaded")))
+    jobs = make_jobs(6)
+    results, stats, teacher = run(batch_cfg(fake_server.url), jobs, tmp_path / "b.json")
+    assert_all_ok(results, jobs)
+    assert len(fake_server.batch.created) == 2
+    retried = [x["body"]["messages"][0]["content"] for x in batch_lines(fake_server, 1)]
+    assert sorted(retried) == ["q1", "q4"]  # only the failed lines, once more
+    assert results[("q1", 0)].extra["attempts"] == 2 and "attempts" not in results[("q0", 0)].extra
+    assert teacher.counters["lines_failed"] == 2 and stats.failed == 0
+
+
+def test_failed_lines_retried_online_at_the_online_price(fake_server: FakeServer,
+                                                        tmp_path: Path) -> None:
+    fake_server.handler = flaky_lines({"q2"}, 1, Reply(503, error_body("busy")))
+    cfg = batch_cfg(fake_server.url, batch_retry="online")
+    jobs = make_jobs(4)
+    results, stats, _ = run(cfg, jobs, tmp_path / "b.json")
+    assert_all_ok(results, jobs)
+    assert len(fake_server.batch.created) == 1 and fake_server.chat_count == 1
+    assert fake_server.chat_requests()[0].prompt == "q2"
+    assert "price_factor" not in results[("q2", 0)].extra
+    full = [results[(f"q{i}", 0)] for i in range(4)]
+    expected = sum((c.prompt_tokens * 2.0 + c.completion_tokens * 8.0) / 1e6
+                   * c.extra.get("price_factor", 1.0) for c in full)
+    assert stats.cost_usd == pytest.approx(expected)
+
+
+def test_retries_are_bounded_and_bad_requests_not_retried(fake_server: FakeServer,
+                                                          tmp_path: Path) -> None:
+    def handler(req: Request) -> Reply:
+        if req.prompt == "q0":
+            return Reply(500, error_body("always down"))
+        if req.prompt == "q1":
+            return Reply(400, error_body("bad messages", type_="invalid_request_error"))
+        if req.prompt == "q2":  # empty content: a content retry, resampled with a new seed
+            return Reply(body={"model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                                          "message": {"content": ""}}]})
+        return ok(req)
+
+    fake_server.handler = handler
+    results, stats, _ = run(batch_cfg(fake_server.url, max_retries=2), make_jobs(4),
+                            tmp_path / "b.json")
+    assert results[("q3", 0)].error is None
+    assert "always down" in results[("q0", 0)].error and "gave up after 3" in results[
+        ("q0", 0)].error
+    assert results[("q1", 0)].error.startswith("HTTP 400: bad messages")
+    assert results[("q2", 0)].error == "empty content (gave up after 3 attempts)"
+    assert len(fake_server.batch.created) == 3  # the first and two follow-ups
+    sent = [r.prompt for r in fake_server.batch.lines]
+    assert sent.count("q0") == 3 and sent.count("q1") == 1 and sent.count("q3") == 1
+    seeds = [r.body["seed"] for r in fake_server.batch.lines if r.prompt == "q2"]
+    assert len(set(seeds)) == 3
+    assert stats.failed == 3
+
+
+@pytest.mark.parametrize("outcome", ["expired", "cancelled"])
+def test_expired_or_cancelled_batch_resubmits_only_what_is_missing(
+        fake_server: FakeServer, tmp_path: Path, outcome: str) -> None:
+    fake_server.batch.plans = [BatchPlan(outcome=outcome, after=0.1, done_fraction=0.5)]
+    jobs = make_jobs(10)
+    results, stats, teacher = run(batch_cfg(fake_server.url, max_retries=0), jobs,
+                                  tmp_path / "b.json")
+    assert_all_ok(results, jobs)  # max_retries 0: resubmitting the missing is no retry
+    assert len(fake_server.batch.created) == 2
+    first_done = {r.prompt for r in fake_server.batch.lines[:5]}
+    second = {x["body"]["messages"][0]["content"] for x in batch_lines(fake_server, 1)}
+    assert len(second) == 5 and not second & first_done
+    assert len(fake_server.batch.lines) == 10  # nothing ran (or was paid for) twice
+    assert teacher.counters["lines_resubmitted"] == 5
+
+
+def test_failed_batch_is_retried_then_ends_as_error_rows(fake_server: FakeServer,
+                                                         tmp_path: Path) -> None:
+    err = [{"code": "invalid_model", "message": "model not found", "param": None, "line": None}]
+    fake_server.batch.default = BatchPlan(outcome="failed", errors=err)
+    results, _, _ = run(batch_cfg(fake_server.url, max_retries=1), make_jobs(2),
+                        tmp_path / "b.json")
+    assert len(fake_server.batch.created) == 2 and not fake_server.batch.lines
+    assert all(c.error == "batch failed: invalid_model: model not found (gave up after 2 "
+               "attempts)" for c in results.values())
+
+
+# splitting, budget, estimate, offline file ----------------------------------------------------
+def test_large_jobs_split_by_max_requests(fake_server: FakeServer, tmp_path: Path) -> None:
+    jobs = make_jobs(5, samples=2)
+    results, _, teacher = run(batch_cfg(fake_server.url, batch_max_requests=4), jobs,
+                              tmp_path / "b.json")
+    assert_all_ok(results, jobs)
+    assert [len(batch_lines(fake_server, i)) for i in range(3)] == [4, 4, 2]
+    assert teacher.counters["batches_submitted"] == 3
+    saved = json.loads((tmp_path / "b.json").read_text())["batches"]
+    assert [b["requests"] for b in saved] == [4, 4, 2]
+
+
+def test_split_lines_by_bytes_and_count() -> None:
+    cfg = batch_cfg("http://localhost:1/v1")
+    lines = [make_line(cfg, "openai", j, 0) for j in make_jobs(7)]
+    size = len(lines[0].data)
+    assert [len(c) for c in split_lines(lines, 100, 3 * size)] == [3, 3, 1]
+    assert [len(c) for c in split_lines(lines, 2, 10**9)] == [2, 2, 2, 1]
+    assert [len(c) for c in split_lines(lines, 100, 1)] == [1] * 7  # an oversized line alone
+    assert sum(len(c) for c in split_lines(lines, 3, 2 * size)) == 7
+
+
+def test_budget_caps_what_is_submitted(fake_server: FakeServer, tmp_path: Path) -> None:
+    # Worst case per line at the batch price: (~5 prompt * 2 + 16 * 8) / 1e6 / 2 ≈ 6.9e-5.
+    cfg = batch_cfg(fake_server.url, max_cost_usd=2.5e-4)
+    jobs = make_jobs(8)
+    results, stats, _ = run(cfg, jobs, tmp_path / "b.json")
+    sent = len(fake_server.batch.lines)
+    assert 3 <= sent < 8
+    budget_rows = [c for c in results.values() if c.error and "budget" in c.error]
+    assert len(budget_rows) + sent == 8 and stats.budget_stopped
+    assert stats.cost_usd <= 2.5e-4
+
+
+def test_dry_run_estimate_shows_the_batch_price() -> None:
+    jobs = make_jobs(10, samples=2)
+    online = estimate(batch_cfg("http://localhost:1/v1", batch=False), jobs)
+    batched = estimate(batch_cfg("http://localhost:1/v1", batch_max_requests=8), jobs)
+    assert batched["requests"] == 20 and batched["batches"] == 3
+    assert batched["est_cost_usd"] == pytest.approx(0.5 * batched["est_cost_usd_online"])
+    assert batched["est_cost_usd_online"] == pytest.approx(online["est_cost_usd_if_no_n"])
+    assert batched["batch_bytes"] > 0 and "requests_if_no_n" not in batched
+
+
+def test_batch_jsonl_written_for_offline_runs(tmp_path: Path) -> None:
+    """The file `vllm run-batch -i` takes: the same lines the Batch API gets."""
+    cfg = batch_cfg("http://localhost:1/v1", batch_max_requests=3)
+    paths = write_batch_jsonl(cfg, make_jobs(2, samples=2), tmp_path / "in.jsonl")
+    assert [p.name for p in paths] == ["in.jsonl", "in.1.jsonl"]
+    lines = [json.loads(x) for p in paths for x in p.read_text().splitlines()]
+    assert len(lines) == 4 and {x["url"] for x in lines} == {"/v1/chat/completions"}
+    assert all(set(x) == {"custom_id", "method", "url", "body"} for x in lines)
+
+
+def test_batch_needs_the_openai_backend() -> None:
+    with pytest.raises(ValueError, match="batch: true needs backend: openai"):
+        TeacherConfig(backend="vllm", model="m", batch=True)
+
+
+def test_offline_batch_write_run_load_then_generate_replays(fake_server: FakeServer,
+                                                           tmp_path: Path) -> None:
+    """write → an offline runner (vLLM run-batch; simulated here) → load → the generate stage
+    sends only the lines the runner failed."""
+    from distill.generate.batch_offline import load, write
+    from distill.pipeline import run_stage
+    from distill.records import RunDir, read_jsonl
+
+    cfg = generate_config(tmp_path, fake_server.url, n=4)
+    cfg.teacher.batch = False
+    (path,) = write(cfg, tmp_path / "batch.jsonl")
+    out = []
+    for i, raw in enumerate(path.read_text().splitlines()):
+        line = json.loads(raw)
+        req = Request(method="POST", path=line["url"], headers={}, body=line["body"], index=i)
+        if i == 0:  # the runner failed this one
+            out.append({"id": "x", "custom_id": line["custom_id"], "response": {
+                "status_code": 500, "body": error_body("oom")}, "error": None})
+            continue
+        out.append({"id": f"r{i}", "custom_id": line["custom_id"],
+                    "response": {"status_code": 200, "body": ok(req).body}, "error": None})
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(x) + "\n" for x in out))
+
+    run_dir = RunDir(tmp_path / "run")
+    cache = ResponseCache(run_dir.cache)
+    assert load(cfg, results, cache) == {"cached": 7, "failed": 1, "unknown": 0}
+    cache.close()
+    entry = run_stage("generate", cfg, run_dir)
+    assert entry["status"] == "done" and entry["rows"] == 8 and entry["errors"] == 0
+    assert fake_server.chat_count == 1 and entry["cached"] == 7
+    rows = read_jsonl(run_dir.stage("generate") / "generations.jsonl")
+    assert sum(r["response"].startswith("echo: What is") for r in rows) == 8
