@@ -8,10 +8,10 @@ The server (tests/fakeserver.py) runs in its own process and answers every chat 
 
 - bare:   `AsyncOpenAI.chat.completions.create` under an `asyncio.Semaphore` (the floor any
           client built on the SDK pays);
-- engine: `run_jobs(OpenAITeacher)` with the direct HTTP client (`teacher.http_client: direct`,
-          the default): retries, rate/budget bookkeeping, replica pool, progress accounting, no
-          cache; again with a fresh sqlite cache (every completion written); and again with the
-          SDK client (`http_client: sdk`);
+- engine: `run_jobs(OpenAITeacher)` with the direct aiohttp client (`teacher.http_client:
+          direct`, the default): retries, rate/budget bookkeeping, replica pool, progress
+          accounting, no cache; again with a fresh sqlite cache (every completion written); again
+          with the bare httpx client (`http_client: httpx`) and with the SDK (`http_client: sdk`);
 - curator: bespokelabs-curator's OpenAI backend, when `--curator-python` names a venv that
           has it (`python -m venv /tmp/curator-venv && /tmp/curator-venv/bin/pip install
           bespokelabs-curator`), with a throwaway cache and its rate limits out of the way.
@@ -20,7 +20,8 @@ Reported: requests/s over the client's wall time, the steady-state rate the serv
 requests over first-to-last arrival: start-up excluded, which is fair to a client with a slow
 start), ratios to bare and to the ideal `concurrency / latency`, and client CPU ms per request
 (this process only; the server's CPU is not counted). The machine is usually shared: run with
-`--repeat 3` and report ranges.
+`--repeat 5` and report the per-round ratios (each round runs every client once, order
+alternating between rounds); `--clients direct,curator` times just those two.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncio
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,67 +148,87 @@ def measure(fn: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - wall0, cpu() - cpu0
 
 
+CLIENTS = ("bare", "direct", "cache", "httpx", "sdk", "curator")
+NAMES = {"bare": "bare AsyncOpenAI + semaphore", "direct": "engine (direct: aiohttp)",
+         "cache": "engine (direct) + sqlite cache", "httpx": "engine (httpx client)",
+         "sdk": "engine (sdk client)", "curator": "bespokelabs-curator"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="OpenAI teacher engine throughput")
     parser.add_argument("-n", "--requests", type=int, default=3000)
     parser.add_argument("-c", "--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.05, help="server latency, seconds")
-    parser.add_argument("--repeat", type=int, default=1, help="best of this many runs each")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds; each runs every client once, in alternating order")
+    parser.add_argument("--clients", default=",".join(CLIENTS),
+                        help=f"comma-separated subset of {', '.join(CLIENTS)}")
     parser.add_argument("--curator-python", default="/tmp/curator-venv/bin/python",
                         help="python of a venv with bespokelabs-curator (skipped if missing)")
     args = parser.parse_args()
     n, c = args.requests, args.concurrency
-    has_curator = Path(args.curator_python).exists()
+    chosen = [k for k in args.clients.split(",") if k]
+    unknown = set(chosen) - set(CLIENTS)
+    if unknown:
+        parser.error(f"--clients: unknown {sorted(unknown)}; expected some of {CLIENTS}")
+    if "curator" in chosen and not Path(args.curator_python).exists():
+        chosen.remove("curator")
 
     proc, url = start_server(args.latency)
     try:
         # Warm up imports, platform detection and the server before timing anything.
         bare_client(url, min(n, 2 * c), c)
         engine(url, min(n, 2 * c), c, None)
+        engine(url, min(n, 2 * c), c, None, "httpx")
         with tempfile.TemporaryDirectory() as tmp:
             runs: dict[str, Callable[[], None]] = {
-                "bare AsyncOpenAI + semaphore": lambda: bare_client(url, n, c),
-                "engine (direct http)": lambda: engine(url, n, c, None),
-                "engine (direct) + sqlite cache": lambda: engine(url, n, c, Path(tmp)),
-                "engine (sdk client)": lambda: engine(url, n, c, None, "sdk"),
+                "bare": lambda: bare_client(url, n, c),
+                "direct": lambda: engine(url, n, c, None),
+                "cache": lambda: engine(url, n, c, Path(tmp)),
+                "httpx": lambda: engine(url, n, c, None, "httpx"),
+                "sdk": lambda: engine(url, n, c, None, "sdk"),
+                "curator": lambda: curator(args.curator_python, url, n, c),
             }
-            if has_curator:
-                runs["bespokelabs-curator"] = lambda: curator(args.curator_python, url, n, c)
-            best: dict[str, tuple[float, float, float]] = {}
-            for _ in range(args.repeat):
-                for name, fn in runs.items():
+            done: dict[str, list[tuple[float, float, float]]] = {k: [] for k in chosen}
+            for r in range(args.repeat):
+                # Alternate the order: on a shared machine, load drifts within a round.
+                for key in (chosen if r % 2 == 0 else chosen[::-1]):
                     server_window(url, reset=True)
-                    wall, cpu = measure(fn)
+                    wall, cpu = measure(runs[key])
                     w = server_window(url, reset=True)
                     steady = (w["chat"] - 1) / max(w["last"] - w["first"], 1e-9)
-                    if name not in best or steady > best[name][2]:
-                        best[name] = (wall, cpu, steady)
+                    done[key].append((wall, cpu, steady))
     finally:
         proc.terminate()
         proc.wait(10)
 
     ideal = c / args.latency
-    bare = best["bare AsyncOpenAI + semaphore"]
     print(f"\n{n} requests, concurrency {c}, server latency {args.latency * 1000:.0f} ms, "
-          f"ideal {ideal:.0f} req/s, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+          f"ideal {ideal:.0f} req/s, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+          f"{args.repeat} round(s)")
     print("steady = the server's view: requests / (last arrival - first arrival), which leaves "
           "out client start-up (curator's dataset and cache set-up); CPU: the client's, the "
-          "server's not counted (*: curator's subprocess, start-up included)\n")
-    header = f"{'client':32} {'wall s':>7} {'req/s':>7} {'steady':>7} {'vs bare':>8} " \
+          "server's not counted (*: curator's subprocess, start-up included). Median of the "
+          "rounds, [min-max] of steady\n")
+    header = f"{'client':32} {'wall s':>7} {'req/s':>7} {'steady':>7} {'range':>11} " \
              f"{'vs ideal':>9} {'CPU ms/req':>11}"
     print(header)
     print("-" * len(header))
-    for name, (wall, cpu, steady) in best.items():
-        cpu_text = f"{cpu * 1000 / n:11.3f}" + ("*" if "curator" in name else "")
-        print(f"{name:32} {wall:7.2f} {n / wall:7.0f} {steady:7.0f} {steady / bare[2]:8.2f} "
-              f"{steady / ideal:9.2f} {cpu_text}")
-    ours = best["engine (direct http)"][2]
-    print(f"\nengine (direct) / bare SDK, steady req/s: {ours / bare[2]:.2f}x")
-    print(f"engine (direct) / engine (sdk), steady req/s: "
-          f"{ours / best['engine (sdk client)'][2]:.2f}x")
-    if has_curator:
-        print(f"engine (direct) / curator, steady req/s: "
-              f"{ours / best['bespokelabs-curator'][2]:.2f}x")
+    for key, rows in done.items():
+        wall, cpu, steady = (statistics.median(x[i] for x in rows) for i in range(3))
+        lo, hi = min(x[2] for x in rows), max(x[2] for x in rows)
+        cpu_text = f"{cpu * 1000 / n:11.3f}" + ("*" if key == "curator" else "")
+        span = f"{lo:.0f}-{hi:.0f}"
+        print(f"{NAMES[key]:32} {wall:7.2f} {n / wall:7.0f} {steady:7.0f} {span:>11}"
+              f" {steady / ideal:9.2f} {cpu_text}")
+    if "direct" in done:
+        for other in ("curator", "httpx", "sdk", "bare"):
+            if other in done:
+                ratios = [a[2] / b[2] for a, b in zip(done["direct"], done[other], strict=True)]
+                print(f"\nengine (direct) / {NAMES[other]}, steady req/s per round: "
+                      + ", ".join(f"{x:.2f}x" for x in ratios)
+                      + f"  (median {statistics.median(ratios):.2f}x, "
+                        f"range {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":

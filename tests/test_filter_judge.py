@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from distill.teachers.base import Completion, Job
 from distill.teachers.cache import ResponseCache
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakeserver
 
 
 @pytest.mark.parametrize(("reply", "scale", "score"), [
@@ -139,3 +141,83 @@ def test_gold_is_optional_in_the_rubric(monkeypatch: pytest.MonkeyPatch) -> None
     r = rows()[0] | {"gold": None}
     out, _ = filter_rows([r], config(), None)
     assert out[0]["keep"] and "Reference answer" not in fake.prompts[0]
+
+
+# filter.judge.structured: a real OpenAITeacher against the loopback server -----------------------
+def _structured_config(url: str, structured: bool = True) -> PipelineConfig:
+    return config(structured=structured, threshold=7, teacher={
+        "backend": "openai", "model": "judge-model", "base_url": url, "api_key_env": None,
+        "max_retries": 1, "max_concurrency": 2, "timeout_s": 5.0})
+
+
+def test_structured_judge_sends_the_schema_and_reads_the_parsed_score(tmp_path: Path) -> None:
+    from fakeserver import FakeServer, Reply, Request, chat_body
+
+    def handler(req: Request) -> Reply:
+        prompt = req.prompt
+        # What a schema-honouring server returns (and one that ignores the schema).
+        if "[weak]" in prompt:
+            text = '{"score": 4}'
+        elif "[crash]" in prompt:
+            text = "Score: 9/10"  # ignores the schema: invalid, retried, then a failed call
+        elif "[mumble]" in prompt:
+            text = '{"score": 85}'  # valid JSON, out of range on the 10-point scale
+        else:
+            text = '{"score": 8.5}'
+        return Reply(body=chat_body(req, texts=[text]))
+
+    with FakeServer(handler) as server:
+        out, _ = filter_rows(rows(), _structured_config(server.url),
+                             ResponseCache(tmp_path / "c.sqlite"))
+        sent = server.chat_requests()
+    fmt = sent[0].body["response_format"]
+    assert fmt == {"type": "json_schema", "json_schema": {
+        "name": "judge_score", "strict": True, "schema": {
+            "type": "object", "properties": {"score": {"type": "number"}},
+            "required": ["score"], "additionalProperties": False}}}
+    assert all(r.body["response_format"] == fmt for r in sent)
+    assert 'Answer with JSON only: {"score": N}, N your score from 0 to 10.' in sent[0].prompt
+    assert [r["scores"]["judge"] for r in out] == [8.5, 4.0, None, None]
+    assert [r["drop_reason"] for r in out] == [
+        None, "judge: low judge score", "judge: judge call failed", "judge: judge gave no score"]
+    assert out[2]["scores"]["judge_error"].startswith("invalid JSON")
+    assert sum("[crash]" in r.prompt for r in sent) == 2  # max_retries 1: sent twice
+
+
+def test_structured_judge_falls_back_to_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that returns no parsed value (a fake here, like the local backends): the
+    score is read from the text, and the job still carried the response_format."""
+    fake = FakeJudge()
+    seen: list[Job] = []
+    original = fake.stream
+
+    def stream(jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, int, Completion]]:
+        seen.extend(jobs)
+        return original(jobs)
+
+    monkeypatch.setattr(fake, "stream", stream)
+    monkeypatch.setattr(judge_module, "make_teacher", lambda cfg: fake)
+    out, _ = filter_rows(rows()[:2], config(structured=True, threshold=7), None)
+    assert [r["scores"]["judge"] for r in out] == [9.0, 4.0]
+    assert all(j.response_format is not None
+               and j.response_format["json_schema"]["name"] == "judge_score" for j in seen)
+
+
+def test_structured_score_prefers_the_parsed_object() -> None:
+    from distill.filter.judge import structured_score
+
+    comp = Completion(text="Score: 2/10", extra={"parsed": {"score": 7}})
+    assert structured_score(comp, 10) == 7.0
+    assert structured_score(Completion(text="Score: 2/10"), 10) == 2.0
+    assert structured_score(Completion(text="x", extra={"parsed": {"score": 11}}), 10) is None
+    assert structured_score(Completion(text="", extra={"parsed": {"score": True}}), 10) is None
+
+
+def test_unstructured_judge_sends_no_response_format(tmp_path: Path) -> None:
+    from fakeserver import FakeServer, Reply, chat_body
+
+    with FakeServer(lambda req: Reply(body=chat_body(req, texts=["Score: 9/10"]))) as server:
+        out, _ = filter_rows(rows()[:1], _structured_config(server.url, False), None)
+        sent = server.chat_requests()
+    assert "response_format" not in sent[0].body and "JSON only" not in sent[0].prompt
+    assert out[0]["scores"]["judge"] == 9.0

@@ -52,12 +52,15 @@ fake_servers = fakeserver_fixture.fake_servers
 pytestmark = pytest.mark.timeout(60)
 
 KEY_ENV = "DISTILL_TEST_OPENAI_KEY"
+HTTP_CLIENT = os.environ.get("DISTILL_TEST_HTTP_CLIENT", "direct")
+"""The client every test runs on (`teacher.http_client`): `DISTILL_TEST_HTTP_CLIENT=httpx` (or
+`aiohttp`, `sdk`) runs the whole fault suite on another one."""
 
 
 def teacher_cfg(url: str | list[str], **kw: Any) -> TeacherConfig:
     base: dict[str, Any] = dict(backend="openai", model="fake-model", base_url=url,
                                 api_key_env=KEY_ENV, max_concurrency=4, timeout_s=2.0,
-                                max_retries=3)
+                                max_retries=3, http_client=HTTP_CLIENT)
     base.update(kw)
     return TeacherConfig(**base)
 
@@ -848,10 +851,10 @@ def test_generate_records_soft_targets_that_arrived(fake_server: FakeServer,
     assert "soft_targets_missing" not in entry
 
 
-# the direct HTTP client reads every failure as the SDK does -----------------------------------
+# the direct HTTP clients read every failure as the SDK does -----------------------------------
 def test_direct_and_sdk_clients_agree_on_every_fault(fake_server: FakeServer) -> None:
-    """`http_client: direct` (the default) and `sdk` see the same faults and end with the same
-    rows, errors and request counts."""
+    """`http_client: aiohttp` (the default, `direct`), `httpx` and `sdk` see the same faults
+    and end with the same rows, errors, counters and request counts."""
     def make_handler() -> Any:
         hits: dict[str, int] = {}
 
@@ -869,27 +872,48 @@ def test_direct_and_sdk_clients_agree_on_every_fault(fake_server: FakeServer) ->
             return Reply(500, error_body("always broken"))
         if p == "q2":
             return Reply(429, error_body("slow down"), headers={"Retry-After": "0.01"}) \
-                if hit == 2 else ok(req)
+                if hit == 1 else ok(req)
         if p == "q3":
             return Reply(200, b"{not json")
+        if p == "q5":
+            return Reply(delay=0.6)  # past timeout_s
+        if p == "q6":
+            return Reply(drop=True)
         return ok(req)
 
     outcomes = {}
-    for client in ("direct", "sdk"):
+    for client in ("aiohttp", "httpx", "sdk"):
         fake_server.reset()
         fake_server.handler = per_prompt(1, Reply(503, error_body("warming up"),
                                                   headers={"Retry-After": "0"}), make_handler())
-        jobs = make_jobs(6, samples=2, prefix="q")
-        cfg = teacher_cfg(fake_server.url, max_retries=2, max_concurrency=1,
+        jobs = make_jobs(7, samples=2, prefix="q")
+        cfg = teacher_cfg(fake_server.url, max_retries=2, max_concurrency=1, timeout_s=0.25,
                           http_client=client, extra_body={"chat_template_kwargs": {"t": 1}})
-        results, stats = run(fast_teacher(cfg), jobs)
+        teacher = fast_teacher(cfg)
+        results, stats = run(teacher, jobs)
         outcomes[client] = ({k: (c.text, c.error) for k, c in results.items()},
                             sorted(r.prompt for r in fake_server.chat_requests()),
-                            fake_server.chat_requests()[-1].body["chat_template_kwargs"])
-    assert outcomes["direct"] == outcomes["sdk"]
-    errors = {k: e for k, (_, e) in outcomes["direct"][0].items() if e}
+                            fake_server.chat_requests()[-1].body["chat_template_kwargs"],
+                            teacher.counters)
+    assert outcomes["aiohttp"] == outcomes["httpx"] == outcomes["sdk"]
+    errors = {k: e for k, (_, e) in outcomes["aiohttp"][0].items() if e}
     assert errors[("q0", 0)] == "HTTP 400: bad request here"
     assert errors[("q1", 0)].startswith("HTTP 500: always broken (gave up after 3")
     assert errors[("q3", 0)].startswith("malformed response: not JSON")
+    assert errors[("q5", 0)] == "timeout after 0.25s (gave up after 3 attempts)"
+    assert errors[("q6", 0)] == "connection error (RemoteProtocolError) (gave up after 3 attempts)"
     assert ("q2", 0) not in errors and ("q4", 1) not in errors
-    assert outcomes["direct"][2] == {"t": 1}
+    assert outcomes["aiohttp"][2] == {"t": 1}
+    counters = outcomes["aiohttp"][3]
+    assert counters["rate_limited"] == 1 and counters["timeouts"] == 2
+    assert counters["connection_errors"] == 2 and counters["malformed"] == 2
+
+
+def test_direct_is_the_aiohttp_client() -> None:
+    from distill.teachers.direct_aiohttp import AiohttpClient
+    from distill.teachers.direct_http import DirectClient
+    from distill.teachers.openai_backend import direct_client
+
+    assert direct_client("direct") is AiohttpClient and direct_client("aiohttp") is AiohttpClient
+    assert direct_client("httpx") is DirectClient
+    assert TeacherConfig(backend="openai", model="m").http_client == "direct"

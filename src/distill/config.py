@@ -113,10 +113,11 @@ class TeacherConfig(Strict):
     terms: str | None = None
     """The teacher's licence or terms of use for its outputs (text or a URL), copied into the
     dataset card so whoever reuses the data sees them (e.g. "OpenAI Terms of Use: ...")."""
-    http_client: Literal["direct", "sdk"] = "direct"
-    """openai backend: `direct` posts requests over a bare HTTP client (orjson bodies; ~2-3x less
-    client CPU per request than the SDK, the same retries and limits); `sdk` uses the `openai`
-    SDK's AsyncOpenAI for every request."""
+    http_client: Literal["direct", "aiohttp", "httpx", "sdk"] = "direct"
+    """openai backend: `direct` (= `aiohttp`) posts requests over a bare aiohttp session (orjson
+    bodies; the least client CPU per request, the same retries, limits and failover); `httpx`
+    the same over a bare httpx client; `sdk` uses the `openai` SDK's AsyncOpenAI for every
+    request. The Batch API always uses the SDK."""
     batch: bool = False
     """openai backend, generate stage: send the requests through the provider's Batch API
     (JSONL upload, results within 24h, at `batch_price_factor` of the online price) instead of
@@ -345,6 +346,11 @@ class JudgeConfig(Strict):
     """Judge model (default: the pipeline's teacher)."""
     max_tokens: int = 256
     temperature: float = Field(0.0, ge=0)
+    structured: bool = False
+    """Ask for the score as JSON (`{"score": number}`) through a json_schema `response_format`
+    (openai backend; validated on receipt, an invalid reply is retried, then a failed call).
+    Off by default: a server that ignores json_schema answers free text that fails validation.
+    A backend that returns no parsed value falls back to reading the score from the text."""
 
 
 class HeuristicsConfig(Strict):

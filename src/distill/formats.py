@@ -6,8 +6,9 @@
     prompt_completion.jsonl  {"id", "prompt", "completion"[, "system"]}: plain strings (TRL's
                              standard prompt-completion format, OpenAI's legacy fine-tuning one)
     alpaca.jsonl             {"instruction", "input", "output"[, "system"]} (Alpaca, LLaMA-Factory)
-    README.md                the dataset card: YAML metadata (licences, teacher, counts, funnel,
-                             the command) and the same in prose
+    README.md                the dataset card: YAML metadata (licences, teacher and the models
+                             it was served as, Batch API ids, counts, funnel, the command) and
+                             the same in prose
 
 The last user turn is the prompt and the last assistant turn the completion; a system message,
 when the pipeline has one, goes to its own `system` field.
@@ -15,9 +16,12 @@ when the pipeline has one, goes to its own `system` field.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +118,31 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def card_metadata(cfg: PipelineConfig, funnel: dict[str, Any], n_rows: int) -> dict[str, Any]:
-    """The card's YAML header: Hub fields first, then what `distill` knows about the data."""
+def teacher_provenance(rows: Iterable[dict[str, Any]],
+                       batch_record: Path | None = None) -> dict[str, Any]:
+    """Who answered: the distinct `teacher_served` of `rows` with their row counts (most rows
+    first; `unreported`: rows whose server named no model), and the ids of the Batch API
+    batches in `batch_record` (`generate/batches.json`), when the run used the Batch API."""
+    counts = Counter(r.get("teacher_served") for r in rows)
+    served = [{"model": str(m), "rows": n}
+              for m, n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+              if m is not None]
+    batches: list[str] = []
+    if batch_record is not None and batch_record.is_file():
+        data = json.loads(batch_record.read_text())
+        batches = [str(b["id"]) for b in data.get("batches") or []
+                   if isinstance(b, dict) and b.get("id")]
+    return {"served": served, "unreported": counts.get(None, 0), "batches": batches}
+
+
+def card_metadata(cfg: PipelineConfig, funnel: dict[str, Any], n_rows: int,
+                  provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card's YAML header: Hub fields first, then what `distill` knows about the data.
+    `provenance` (`teacher_provenance`) adds `teacher_served` and `teacher_batches`."""
     task = cfg.generate.task
     seeds = cfg.seeds.path or f"task:{cfg.seeds.task.name}"  # type: ignore[union-attr]
     filters = [f["name"] for f in funnel.get("filters", [])]
-    return {
+    meta: dict[str, Any] = {
         "license": "other",
         "license_name": "distilled-synthetic",
         "license_details": ("Seed data under its own licence (seed_license); teacher outputs "
@@ -151,10 +174,38 @@ def card_metadata(cfg: PipelineConfig, funnel: dict[str, Any], n_rows: int) -> d
                     "dropped": dict(f.get("dropped") or {})} for f in funnel.get("filters", [])],
         "command": invocation(cfg),
     }
+    if provenance is None:
+        return meta
+    extra: dict[str, Any] = {}
+    if provenance.get("served"):
+        extra["teacher_served"] = list(provenance["served"])
+        if provenance.get("unreported"):
+            extra["teacher_served"].append({"model": None, "rows": provenance["unreported"]})
+    if provenance.get("batches"):
+        extra["teacher_batches"] = list(provenance["batches"])
+    at = list(meta).index("teacher_terms") + 1  # beside the configured teacher
+    items = list(meta.items())
+    return dict(items[:at] + list(extra.items()) + items[at:])
 
 
-def dataset_card(cfg: PipelineConfig, funnel: dict[str, Any], n_rows: int) -> str:
-    meta = card_metadata(cfg, funnel, n_rows)
+def _provenance_prose(meta: dict[str, Any]) -> str:
+    parts = []
+    if meta.get("teacher_served"):
+        served = ", ".join(
+            f"{'`' + s['model'] + '`' if s['model'] is not None else 'not reported'} "
+            f"({s['rows']} row{'' if s['rows'] == 1 else 's'})" for s in meta["teacher_served"])
+        parts.append(f"served as: {served}")
+    if meta.get("teacher_batches"):
+        parts.append("through the Batch API, batches "
+                     + ", ".join(f"`{b}`" for b in meta["teacher_batches"]))
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def dataset_card(cfg: PipelineConfig, funnel: dict[str, Any], n_rows: int,
+                 provenance: dict[str, Any] | None = None) -> str:
+    """sft/README.md. `provenance` (`teacher_provenance` of the kept rows): the models the
+    teacher was served as, and the Batch API ids, beside the configured teacher."""
+    meta = card_metadata(cfg, funnel, n_rows, provenance)
     steps = "\n".join(
         f"| {f['filter']} | {f['in']} | {f['out']} | "
         f"{', '.join(f'{k}: {v}' for k, v in f['dropped'].items()) or '-'} |"
@@ -164,7 +215,8 @@ def dataset_card(cfg: PipelineConfig, funnel: dict[str, Any], n_rows: int) -> st
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100)}---\n\n"
         f"# {cfg.name}: distilled training set\n\n"
-        f"{n_rows} {kind} (`messages` column) generated by teacher `{meta['teacher']}` from "
+        f"{n_rows} {kind} (`messages` column) generated by teacher `{meta['teacher']}`"
+        f"{_provenance_prose(meta)} from "
         f"seeds `{meta['seed_source']}` and curated by "
         f"`distill` filters ({', '.join(meta['filters']) or 'none'}).\n\n"
         f"## Licences\n\n- seeds: {meta['seed_license']}\n"

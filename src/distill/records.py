@@ -21,7 +21,7 @@ SEED_FIELDS = ("id", "question", "answer", "source")
 GENERATION_FIELDS = (
     "id", "seed_id", "sample", "question", "gold", "messages", "response", "reasoning",
     "rationale", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd",
-    "latency_s", "teacher", "error",
+    "latency_s", "teacher", "teacher_served", "error",
 )
 
 FILTERED_EXTRA_FIELDS = ("keep", "drop_reason", "scores", "cluster_id")

@@ -4,6 +4,10 @@ The judge is any teacher backend (`filter.judge.teacher`, default: the pipeline'
 `engine.run_jobs` with the run's response cache, so a rerun re-judges nothing. Scores are parsed
 robustly ("Score: 8/10", "8", "**8**", {"score": 8}, "rating: 4 out of 5") and rescaled onto
 `scale`; rows whose call failed or whose reply holds no score are dropped with that reason.
+
+`structured: true` asks for `{"score": number}` through a json_schema `response_format` (the
+openai backend validates it on receipt and retries an invalid reply); the score is then read
+from the parsed object, and from the text when the backend returns no parsed value.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from distill.config import PipelineConfig
 from distill.filter.rows import question_of, response_of
 from distill.filter.verify import gold_answer
 from distill.generate.parse import split_think
-from distill.teachers import make_teacher
-from distill.teachers.base import Job, SamplingParams
+from distill.teachers import make_teacher, structured
+from distill.teachers.base import Completion, Job, SamplingParams
 from distill.teachers.cache import ResponseCache
 from distill.teachers.engine import run_jobs
 
@@ -29,6 +33,9 @@ _FRACTION = re.compile(rf"{_N}\s*(?:/|out\s+of)\s*{_N}", re.I)
 _BOLD = re.compile(rf"\*\*\s*{_N}(?:{_OUT_OF})?\s*\*\*", re.I)
 _BARE = re.compile(rf"\s*{_N}(?:{_OUT_OF})?\s*\.?\s*", re.I)
 _JSON_KEYS = ("score", "rating", "grade")
+SCORE_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"score": {"type": "number"}},
+                                "required": ["score"], "additionalProperties": False}
+"""What `filter.judge.structured` asks the judge to answer in."""
 
 
 def _scaled(value: str, denominator: str | None, scale: float) -> float | None:
@@ -71,11 +78,28 @@ def parse_judge_score(text: str | None, scale: float = 10.0) -> float | None:
     return None
 
 
-def judge_messages(row: dict[str, Any], template: str) -> list[dict[str, str]]:
+def structured_score(comp: Completion, scale: float) -> float | None:
+    """The score of a structured reply: the parsed `{"score": n}` when the backend returns
+    one (on [0, scale], else None), otherwise whatever `parse_judge_score` finds in the text."""
+    parsed = comp.extra.get("parsed") if comp.extra else None
+    if isinstance(parsed, dict):
+        value = parsed.get("score")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return _scaled(str(value), None, scale)
+    return parse_judge_score(comp.text, scale)
+
+
+def judge_messages(row: dict[str, Any], template: str,
+                   json_scale: float | None = None) -> list[dict[str, str]]:
+    """The rubric prompt for `row`; `json_scale`: also ask for the score as JSON on that scale
+    (`filter.judge.structured`)."""
     from distill.generate.templates import render
 
     prompt = render(template, field="filter.judge.prompt", question=question_of(row),
                     response=response_of(row), gold=gold_answer(row.get("gold")))
+    if json_scale is not None:
+        prompt += (f'\n\nAnswer with JSON only: {{"score": N}}, N your score from 0 to '
+                   f"{json_scale:g}.")
     return [{"role": "user", "content": prompt}]
 
 
@@ -89,8 +113,12 @@ def judge_reasons(rows: list[dict[str, Any]], cfg: PipelineConfig,
     template = str(cfg.resolve(jc.prompt))
     params = SamplingParams(temperature=jc.temperature, top_p=1.0, max_tokens=jc.max_tokens,
                             seed=cfg.seed)
-    jobs = [Job(key=str(i), messages=judge_messages(r, template), params=params, samples=[0])
-            for i, r in enumerate(rows)]
+    fmt, json_scale = None, None
+    if jc.structured:
+        fmt = structured.response_format({"name": "judge_score", "schema": SCORE_SCHEMA})
+        json_scale = jc.scale
+    jobs = [Job(key=str(i), messages=judge_messages(r, template, json_scale), params=params,
+                samples=[0], response_format=fmt) for i, r in enumerate(rows)]
     teacher = teacher if teacher is not None else make_teacher(tc)
     results, _ = run_jobs(teacher, jobs, cache, price_in=tc.price_in_per_mtok,
                           price_out=tc.price_out_per_mtok, description="judge")
@@ -103,7 +131,8 @@ def judge_reasons(rows: list[dict[str, Any]], cfg: PipelineConfig,
             scores["judge_error"] = ((comp.error if comp else None) or "no reply")[:300]
             reasons.append("judge call failed")
             continue
-        score = parse_judge_score(comp.text, jc.scale)
+        score = (structured_score(comp, jc.scale) if jc.structured
+                 else parse_judge_score(comp.text, jc.scale))
         scores["judge"] = None if score is None else round(score, 3)
         if score is None:
             scores["judge_error"] = f"no score in reply: {comp.text[-200:]!r}"

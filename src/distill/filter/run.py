@@ -9,7 +9,7 @@ from distill.filter.stage import filter_rows
 from distill.io import read_stage_rows, write_stage
 from distill.records import RunDir
 from distill.teachers.cache import ResponseCache
-from distill.train.dataset import dataset_card, sft_rows
+from distill.train.dataset import sft_rows
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
@@ -22,9 +22,15 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     write_stage(run_dir.stage("filter"), filtered, "filtered.jsonl", {"funnel.json": funnel})
     kept = [r for r in filtered if r["keep"]]
     sft = sft_rows(kept)
+    from distill.formats import dataset_card, teacher_provenance, write_formats
+    from distill.generate.batching import record_path
+
+    # Who answered, beside the configured teacher: teacher_served of the kept rows (the sft
+    # rows do not carry it) and the Batch API ids from generate/batches.json.
+    provenance = teacher_provenance(kept, record_path(run_dir))
     write_stage(run_dir.stage("sft"), sft, "sft.jsonl",
-                {"README.md": dataset_card(cfg, funnel, len(sft))}, allow_empty=True)
-    from distill.formats import write_formats  # parquet, prompt/completion, alpaca
+                {"README.md": dataset_card(cfg, funnel, len(sft), provenance)},
+                allow_empty=True)
 
     formats = write_formats(run_dir.stage("sft"), sft)
     return {"in": len(rows), "kept": len(kept), "sft_rows": len(sft),

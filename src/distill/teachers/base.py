@@ -21,7 +21,9 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a scalar: a flat copy is asdict() without its recursive deep copy
+        # (this runs once per sample, for the cache key).
+        return dict(self.__dict__)
 
 
 @dataclass

@@ -93,6 +93,17 @@ def read_api_key(cfg: TeacherConfig, urls: list[str]) -> str:
                       f"(needed for {urlparse(urls[0]).hostname})")
 
 
+def direct_client(name: str) -> Any:
+    """The bare HTTP client class `teacher.http_client` names (`direct`: the default one)."""
+    if name == "httpx":
+        from distill.teachers.direct_http import DirectClient
+
+        return DirectClient
+    from distill.teachers.direct_aiohttp import AiohttpClient
+
+    return AiohttpClient
+
+
 @dataclass
 class _Unit:
     """One prompt's samples still pending, and what was spent on it so far."""
@@ -184,6 +195,7 @@ class OpenAITeacher:
         self.logprobs_missing = 0
         """Completions returned without logprobs although `top_logprobs` asked for them."""
         self.max_tokens_field = "max_tokens"
+        self._direct = cfg.http_client != "sdk"
         self._prompt_ratio = 1.0
         self._fatal: str | None = None
         self._pool: ReplicaPool | None = None
@@ -215,11 +227,10 @@ class OpenAITeacher:
         timeout = httpx2.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 10.0))
         limits = httpx2.Limits(max_connections=cfg.max_concurrency * 2 + 8,
                                max_keepalive_connections=cfg.max_concurrency + 8)
-        if cfg.http_client == "direct":
-            from distill.teachers.direct_http import DirectClient
-
-            replicas = [Replica(url=url, client=DirectClient(url, key, timeout=timeout,
-                                                             limits=limits))
+        if self._direct:
+            client_cls = direct_client(cfg.http_client)
+            replicas = [Replica(url=url, client=client_cls(url, key, timeout=timeout,
+                                                           limits=limits))
                         for url in self.urls]
         else:
             replicas = [
@@ -250,7 +261,7 @@ class OpenAITeacher:
                 log.debug("closing client for %s: %s", r.url, type(err).__name__)
 
     async def _probe(self, replica: Replica) -> bool:
-        if self.cfg.http_client == "direct":
+        if self._direct:
             await replica.client.probe(min(5.0, self.cfg.timeout_s))
         else:
             await replica.client.models.list(timeout=min(5.0, self.cfg.timeout_s))
@@ -422,7 +433,7 @@ class OpenAITeacher:
             self.counters["requests"] += 1
             t0 = time.perf_counter()
             try:
-                if self.cfg.http_client == "direct":
+                if self._direct:
                     content = await replica.client.chat(kwargs)
                 else:
                     raw = await replica.client.chat.completions.with_raw_response.create(
