@@ -617,6 +617,16 @@ class ExportConfig(Strict):
     gguf_pre: str = "auto"
     """llama.cpp pre-tokenizer name (tokenizer.ggml.pre); auto reads tokenizer.json."""
     int4_block_size: int = Field(32, ge=16)
+    """Values per scale in int4 (torch layout: a row whose length it does not divide gets the
+    largest divisor below it, at least 8, else one scale per row)."""
+    int4_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    """onnxruntime: the ONNX graph with 4-bit block weights (ORT MatMulNBits); torch: 4-bit
+    weights in safetensors (two per byte, fp16 scale per group, clip searched), dequantized to
+    fp32 at load — no graph to store, which matters for a tiny model (the demo student's ONNX
+    graph alone is ~70 KB of its 467 KB)."""
+    int4_keep_int8: list[str] = Field(default_factory=list)
+    """int4_runtime torch: weights whose name contains one of these stay int8 (fp16 scale per
+    32) — mixed precision for the tensors 4 bits hurts most, e.g. [embed_tokens, self_attn]."""
     int8_runtime: Literal["torch", "onnxruntime"] = "torch"
     """torch: weight-only int8 safetensors (fp16 scale per 32 values) loaded back into PyTorch;
     onnxruntime: the ONNX graph with 8-bit block weights (ORT MatMulNBits)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.evaluate.report_eval import evaluation_sections
+from distill.export.report import compression_section
 from distill.records import RunDir, atomic_path
 
 LABELS = {"teacher": "teacher", "base_student": "base student (before distillation)",
@@ -186,6 +187,7 @@ def write_report(run: RunDir) -> Path:
     lines += learning_section(stages.get("train") or {}, run)
 
     export = _load(run.stage("export") / "export.json")
+    lines += compression_section(run.root)  # teacher -> student -> artifacts; [] without export
     if export:
         lines += ["## Edge export", "", "| format | runtime | params | bytes | vs teacher |"
                   " vs fp32 | accuracy | p50 latency | p95 latency | tok/s | peak MB |"
@@ -196,14 +198,15 @@ def write_report(run: RunDir) -> Path:
             def ratio(ref: int | None, b: int = b) -> str:
                 return f"{ref / b:.1f}x" if ref and b else "-"
             acc = a.get("accuracy")
-            diff = a.get("max_abs_diff")
+            diff = a.get("max_abs_dlogit", a.get("max_abs_diff"))
             lines.append(
                 f"| {a['format']} | {a.get('runtime') or '-'} | {a.get('params') or '-'} | "
                 f"{_fmt_bytes(b)} | {ratio(tb)} | "
                 f"{ratio(sb)} | {'-' if acc is None else f'{acc * 100:.1f}%'} | "
                 f"{a.get('latency_p50_s', '-')} | {a.get('latency_p95_s', '-')} | "
                 f"{a.get('tokens_per_s', '-')} | {a.get('peak_mem_mb', '-')} | "
-                f"{'-' if diff is None else f'{diff:.2g}'} | {a.get('top1_agreement', '-')} |")
+                f"{'-' if diff is None else f'{diff:.2g}'} | {a.get('top1_agreement', '-')}"
+                f"{' **below floor**' if a.get('below_floor') else ''} |")
         lines.append("")
         if export.get("student_fp32_accuracy") is not None:
             lines.append(f"fp32 student accuracy: {export['student_fp32_accuracy'] * 100:.1f}% "
@@ -215,6 +218,10 @@ def write_report(run: RunDir) -> Path:
                          f"{p.get('layers_after')} layers, {p.get('params_before'):,} → "
                          f"{p.get('params_after'):,} parameters, {p.get('recover_steps')} "
                          f"recovery steps (loss {p.get('loss_pruned')} → {p.get('loss_after')}).")
+        if export.get("flagged"):
+            lines.append(f"**Flagged** (teacher-forced top-1 agreement with the fp32 student "
+                         f"under {export.get('min_top1_agreement')}): "
+                         f"{', '.join(map(str, export['flagged']))}.")
         for a in export.get("artifacts", []):
             for note in a.get("notes") or []:
                 lines.append(f"- {a['format']}: {note}")

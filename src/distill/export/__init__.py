@@ -3,10 +3,13 @@
     stage.py        the `export` stage: prune? → merged → int8 / onnx / int4 / gguf, each measured
     runtime.py      the Runner every format loads into (shared greedy loop), sizes, FORMATS
     merge.py        merged safetensors (PEFT merge_and_unload or the trained merge); PyTorch runner
-    quantize.py     int8 (own per-row packing, torch dynamic int8 Linear), int4 (ORT MatMulNBits)
+    quantize.py     int8 (fp16 scale per 32, weight-only), int4 (ORT MatMulNBits, or 4-bit
+                    safetensors with `int4_runtime: torch`)
     onnx_export.py  KV-cache ONNX graph (torch.onnx.export) and its ONNX Runtime runner
     gguf_export.py  GGUF writer for llama/qwen2, reader, numpy reference forward, llama.cpp runner
     prune.py        layer / MLP-channel pruning by importance + a short KD/SFT recovery run
-    measure.py      accuracy (evaluate's scorer), latency p50/p95, tokens/s, peak RSS, agreement
+    measure.py      accuracy (evaluate's scorer, batched where the runtime batches), latency
+                    p50/p95, tokens/s, peak RSS, agreement
+    report.py       the compression table (teacher → student → artifacts) and its plot
     chat.py         `distill chat RUN_DIR --format F`
 """

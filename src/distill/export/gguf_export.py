@@ -533,6 +533,12 @@ class GGUFNumpyRunner(Runner):
         return self.model.forward(ids)
 
 
+# Words, digits of several place values, punctuation and a newline: what a tokenizer must split
+# the same way for llama.cpp's own tokenization to be trusted.
+TOKENIZER_PROBE = ("Tom has 12 apples and buys 345 more, then 6,078 pears: 12 + 345 = 357.\n"
+                   "The answer is 357.")
+
+
 class LlamaCppRunner(Runner):
     """llama.cpp through llama-cpp-python; tokenization by llama.cpp from the GGUF vocabulary."""
 
@@ -545,24 +551,69 @@ class LlamaCppRunner(Runner):
 
         model_file = path / MODEL_FILES["gguf"]
         read_gguf_header(model_file)
+        self.path = path
         tok = load_tokenizer_dir(path)  # the chat template renders as in transformers
         super().__init__(tok, stop_ids(tok, path))
         cfg = read_model_config(path) if (path / "config.json").is_file() else {}
         n_ctx = min(n_ctx, int(cfg.get("max_position_embeddings", n_ctx)))
         try:
+            # n_threads_batch too: left unset it is every core, and prefill threads that
+            # spin-wait on a busy machine cost more than a model this small computes.
             self.llm = Llama(model_path=str(model_file), n_ctx=n_ctx, n_batch=min(512, n_ctx),
-                             n_threads=threads, logits_all=logits_all, verbose=False)
+                             n_threads=threads, n_threads_batch=threads,
+                             logits_all=logits_all, verbose=False)
         except Exception as err:  # noqa: BLE001 - llama.cpp refused the file
             raise ConfigError(f"{model_file}: llama.cpp cannot load it ({err})") from None
         self.logits_all = logits_all
+        self.tokenizer_note = self._check_tokenizer()
+        self.own_tokenizer = self.tokenizer_note is None
+
+    def _check_tokenizer(self) -> str | None:
+        """None when llama.cpp tokenizes and detokenizes a probe chat exactly as tokenizer.json
+        does; else why not — then token ids come from the transformers tokenizer and llama.cpp
+        runs the weights only (llama.cpp applies no tokenizer.json normalizer, e.g. the demo
+        tokenizer's place-value digit marks)."""
+        from distill.chat_template import render_chat
+
+        text = render_chat(self.tokenizer, [{"role": "user", "content": TOKENIZER_PROBE}])
+        text += TOKENIZER_PROBE
+        want = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        got = list(self.llm.tokenize(text.encode(), add_bos=False, special=True))
+        if got != want:
+            first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False))
+                          if a != b),
+                         min(len(got), len(want)))
+            why = "; tokenizer.json has a normalizer llama.cpp does not apply" \
+                if self._has_normalizer() else ""
+            return (f"llama.cpp's own tokenizer splits text differently from tokenizer.json "
+                    f"(probe: {len(got)} vs {len(want)} tokens, first difference at token "
+                    f"{first}{why}): prompts are tokenized and answers decoded by the "
+                    "transformers tokenizer, llama.cpp runs the weights on those token ids")
+        ref = str(self.tokenizer.decode(want, skip_special_tokens=True)).strip()
+        dec = self.llm.detokenize([t for t in want if t not in self._special_ids()])
+        if dec.decode("utf-8", errors="replace").strip() != ref:
+            return ("llama.cpp detokenizes differently from tokenizer.json: answers decoded by "
+                    "the transformers tokenizer, llama.cpp runs the weights")
+        return None
+
+    def _has_normalizer(self) -> bool:
+        path = self.path / "tokenizer.json"
+        return path.is_file() and bool(json.loads(path.read_text()).get("normalizer"))
+
+    def _special_ids(self) -> set[int]:
+        return set(getattr(self.tokenizer, "all_special_ids", []) or [])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.own_tokenizer:
+            return super().encode_chat(messages)
         from distill.chat_template import render_chat
 
         text = render_chat(self.tokenizer, messages)
         return list(self.llm.tokenize(text.encode(), add_bos=False, special=True))
 
     def decode(self, ids: list[int]) -> str:
+        if not self.own_tokenizer:
+            return super().decode(ids)
         return self.llm.detokenize(ids).decode("utf-8", errors="replace").strip()
 
     def reset(self) -> None:

@@ -107,13 +107,18 @@ class RunnerTeacher:
 
     backend = "export"
 
-    def __init__(self, runner: Runner, max_tokens: int, name: str) -> None:
+    def __init__(self, runner: Runner, max_tokens: int, name: str, batch_size: int = 1) -> None:
         self.runner = runner
         self.max_tokens = max_tokens
         self.model = name
         self.model_id = name
+        self.batch_size = batch_size
 
     async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, int, Completion]]:
+        if self.runner.batched and self.batch_size > 1:
+            async for out in self._stream_batched(jobs):
+                yield out
+            return
         for job in jobs:
             for s in job.samples:
                 t0 = time.perf_counter()
@@ -129,8 +134,47 @@ class RunnerTeacher:
                     comp = Completion(error=f"{type(err).__name__}: {err}")
                 yield job, s, comp
 
+    async def _stream_batched(self, jobs: Sequence[Job]
+                              ) -> AsyncIterator[tuple[Job, int, Completion]]:
+        """`batch_size` prompts at a time through `Runner.chat_batch` (the runtime's batch)."""
+        todo = [(job, s) for job in jobs for s in job.samples]
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i:i + self.batch_size]
+            t0 = time.perf_counter()
+            limit = min(min(job.params.max_tokens for job, _ in chunk), self.max_tokens)
+            try:
+                answers = self.runner.chat_batch([job.messages for job, _ in chunk], limit)
+            except Exception as err:  # noqa: BLE001 - a failed batch is error rows
+                for job, s in chunk:
+                    yield job, s, Completion(error=f"{type(err).__name__}: {err}")
+                continue
+            per = (time.perf_counter() - t0) / len(chunk)
+            for (job, s), ans in zip(chunk, answers, strict=True):
+                yield job, s, Completion(text=ans.text, finish_reason=ans.finish_reason,
+                                         prompt_tokens=ans.prompt_tokens,
+                                         completion_tokens=len(ans.token_ids), latency_s=per,
+                                         token_ids=ans.token_ids)
+
     async def aclose(self) -> None:
         return None
+
+
+def scorer(runner: Runner, cfg: PipelineConfig, name: str) -> Any:
+    """What answers the held-out set: a PyTorch artifact through the evaluate stage's own
+    batched transformers backend (`evaluate.batch_size`, left padding — the path that scored the
+    student), any other runtime through its `Runner` (batched where it batches: ONNX Runtime;
+    one prompt at a time: llama.cpp, the numpy GGUF reference)."""
+    from distill.export.merge import TorchRunner
+
+    assert cfg.evaluate is not None
+    bs = cfg.evaluate.batch_size
+    if isinstance(runner, TorchRunner):
+        from distill.config import TeacherConfig
+        from distill.teachers import make_teacher
+
+        tcfg = TeacherConfig(backend="transformers", model=name, batch_size=bs, device="cpu")
+        return make_teacher(tcfg, model=runner.model, tokenizer=runner.tokenizer)
+    return RunnerTeacher(runner, max_new_tokens(cfg), name, batch_size=bs)
 
 
 def accuracy(runner: Runner, cfg: PipelineConfig, items: list[dict[str, Any]], name: str
@@ -142,8 +186,7 @@ def accuracy(runner: Runner, cfg: PipelineConfig, items: list[dict[str, Any]], n
         return None, []
     ev = cfg.evaluate.model_copy(update={"samples": 1, "max_tokens": max_new_tokens(cfg)})
     scfg = cfg.model_copy(update={"evaluate": ev})
-    summary, preds = score_model(name, RunnerTeacher(runner, max_new_tokens(cfg), name), scfg,
-                                 items, None)
+    summary, preds = score_model(name, scorer(runner, cfg, name), scfg, items, None)
     return float(summary["accuracy"]), preds
 
 

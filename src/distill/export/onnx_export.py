@@ -236,3 +236,48 @@ class OnnxRunner(Runner):
         self.past = present
         self.length += n
         return np.asarray(logits[0])
+
+    batched = True
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int
+                       ) -> list[tuple[list[int], str]]:
+        """Greedy answers to `prompts` in one batch: left-padded (attention_mask 0 on the pads,
+        position_ids counted from each prompt's first token), one shared KV cache; a finished
+        row leaves the batch. Same tokens as `generate` one at a time, up to float rounding."""
+        b = len(prompts)
+        if b == 0:
+            return []
+        width = max(len(p) for p in prompts)
+        pad = min(self.eos_ids) if self.eos_ids else 0
+        ids = np.full((b, width), pad, dtype=np.int64)
+        mask = np.zeros((b, width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        pos = np.clip(mask.cumsum(1) - 1, 0, None)
+        past = [np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+                for _ in self.past_names]
+        rows = np.arange(b)  # which prompt each batch row answers
+        out: list[list[int]] = [[] for _ in prompts]
+        finish = ["length"] * b
+        while True:
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feeds |= dict(zip(self.past_names, past, strict=True))
+            logits, *past = self.session.run(None, feeds)
+            tokens = np.asarray(logits)[:, -1].argmax(-1)
+            keep = []
+            for j, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
+                if int(tok) in self.eos_ids:
+                    finish[row] = "stop"
+                    continue
+                out[row].append(int(tok))
+                if len(out[row]) < max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                return [(o, f) for o, f in zip(out, finish, strict=True)]
+            k = np.asarray(keep)
+            rows, tokens = rows[k], tokens[k]
+            past = [x[k] for x in past]
+            mask = np.concatenate([mask[k], np.ones((len(k), 1), dtype=np.int64)], axis=1)
+            pos = pos[k, -1:] + 1
+            ids = tokens[:, None].astype(np.int64)

@@ -26,16 +26,25 @@ With `export.int8_runtime: onnxruntime` the int8 artifact is instead the ONNX gr
 block weights (ORT MatMulNBits, weight-only, block 32; the embedding Gather stays float32, so the
 file holds the tied embedding twice: fp32 for the gather and 8-bit for the head).
 
-int4 — ONNX Runtime's `MatMulNBitsQuantizer` turns the fp32 ONNX graph's MatMul weights (and
-the embedding Gather) into 4-bit symmetric blocks (`int4_block_size` values share one scale),
-run by ORT's MatMulNBits / GatherBlockQuantized kernels. It needs `onnx-ir` (ORT's optional
-dependency); without it the artifact is skipped with a note, never faked.
+int4, torch layout (`export.int4_runtime: torch`) — `model.int4.safetensors`: every Linear and
+Embedding weight as two 4-bit values per byte (levels −8..7, Q4_0-style: the largest magnitude
+maps to −8) with one fp16 scale per `int4_block_size` values of a row (the largest divisor of a
+row length it does not divide, at least 8: 24 for the demo student's 48-wide rows), the scale
+clip searched per group (d × {1, 0.95, …, 0.75}, least squared error). Dequantized to float32 at
+load like int8. No graph is stored, which is what a tiny model needs: the demo student's ONNX
+graph alone is ~70 KB, so ORT's int4 of it (171 KB) is bigger than int8 (106 KB); this is ~65 KB.
+
+int4, ONNX Runtime (default) — ORT's `MatMulNBitsQuantizer` turns the fp32 ONNX graph's MatMul
+weights (and the embedding Gather) into 4-bit symmetric blocks (`int4_block_size` values share
+one scale), run by ORT's MatMulNBits / GatherBlockQuantized kernels. It needs `onnx-ir` (ORT's
+optional dependency); without it the artifact is skipped with a note, never faked.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,6 +62,7 @@ from distill.export.runtime import (
 )
 
 INT8_FORMAT = "distill-int8"
+INT4_TORCH_FILE = "model.int4.safetensors"
 SCALE_SUFFIX = ".int8_scale"
 
 
@@ -163,19 +173,22 @@ def _set_module(root: Any, dotted: str, module: Any) -> None:
 COMPUTE_MODES = ("weight-only", "dynamic", "dynamic-keep-head")
 
 
-def _read_int8_file(weights: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def _read_quantized_file(weights: Path, fmt: str = INT8_FORMAT, what: str = "int8"
+                         ) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensors) of a quantized safetensors artifact whose metadata says `fmt`; a
+    missing, corrupt or foreign file is a ConfigError naming it."""
     from safetensors import safe_open
 
     if not weights.is_file():
-        raise ConfigError(f"{weights}: int8 weights not found")
+        raise ConfigError(f"{weights}: {what} weights not found")
     try:
         with safe_open(str(weights), framework="pt") as fh:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open API
     except Exception as err:  # noqa: BLE001 - truncated or corrupt file
         raise ConfigError(f"{weights}: not a readable safetensors file ({err})") from None
-    if meta.get("format") != INT8_FORMAT:
-        raise ConfigError(f"{weights}: not a {INT8_FORMAT} file (metadata format="
+    if meta.get("format") != fmt:
+        raise ConfigError(f"{weights}: not a {fmt} file (metadata format="
                           f"{meta.get('format')!r})")
     return meta, tensors
 
@@ -227,7 +240,7 @@ def load_int8_model(path: Path, compute: str = "weight-only") -> Any:
         raise ValueError(f"compute: {compute!r} not one of {COMPUTE_MODES}")
     weights = path / MODEL_FILES["int8"]
     read_model_config(path)
-    meta, tensors = _read_int8_file(weights)
+    meta, tensors = _read_quantized_file(weights)
     packed: list[str] = json.loads(meta["packed"])
     tied: dict[str, str] = json.loads(meta.get("tied", "{}"))
     config = AutoConfig.from_pretrained(str(path))
@@ -274,6 +287,152 @@ def load_int8_runner(path: Path, threads: int | None = None,
     model = load_int8_model(path, compute)
     tok = load_tokenizer_dir(path)
     return TorchRunner(model, tok, stop_ids(tok, path), "int8", threads)
+
+
+INT4_FORMAT = "distill-int4"
+INT4_SCALE_SUFFIX = ".int4_scale"
+INT4_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def int4_group(cols: int, group: int) -> int:
+    """Values per fp16 scale in a row of `cols`: `group` when it divides the row, else the
+    largest divisor of `cols` below it that is at least 8 (48-wide rows and group 32 → 24), else
+    the whole row."""
+    if cols % group == 0:
+        return group
+    return next((g for g in range(min(group, cols), 7, -1) if cols % g == 0), cols)
+
+
+def quantize_groups_int4(w: Any, group: int = GROUP_SIZE) -> tuple[Any, Any]:
+    """Symmetric 4-bit with one fp16 scale per group, clip searched: (uint8 [rows, ⌈cols/2⌉]
+    two values per byte, low nibble first; float16 [rows, cols / g]).
+
+    Levels −8..7 as in llama.cpp's Q4_0 (the value of largest magnitude m maps to −8: d = m/−8);
+    per group the scale is then the one of d × {1, 0.95, …, 0.75} with the least squared error
+    (clipping the largest value a little buys resolution for the rest).
+    """
+    w = w.detach().float()
+    rows, cols = w.shape
+    g = int4_group(cols, group)
+    x = w.reshape(rows, cols // g, g)
+    idx = x.abs().argmax(dim=-1, keepdim=True)
+    d0 = torch.gather(x, -1, idx) / -8.0
+    d0 = torch.where(d0.abs() < 1e-8, torch.full_like(d0, 1e-8), d0)
+    best_q, best_d, best_err = None, None, None
+    for f in INT4_CLIP_GRID:
+        d = (d0 * f).half().float()
+        d = torch.where(d == 0, torch.full_like(d, 1e-7), d)  # an fp16 underflow
+        q = torch.round(x / d).clamp(-8, 7)
+        err = ((q * d - x) ** 2).sum(-1, keepdim=True)
+        if best_err is None:
+            best_q, best_d, best_err = q, d, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better, q, best_q)
+            best_d = torch.where(better, d, best_d)
+            best_err = torch.minimum(err, best_err)
+    assert best_q is not None and best_d is not None
+    nib = (best_q.reshape(rows, cols) + 8).to(torch.uint8)
+    if cols % 2:
+        nib = torch.cat([nib, torch.zeros(rows, 1, dtype=torch.uint8)], dim=1)
+    packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return packed.contiguous(), best_d.squeeze(-1).half().contiguous()
+
+
+def dequantize_int4(packed: Any, scale: Any, cols: int) -> Any:
+    """float32 [rows, cols] from two 4-bit values per byte and per-group fp16 scales."""
+    rows = packed.shape[0]
+    nib = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(rows, -1)[:, :cols]
+    q = nib.float() - 8.0
+    s = scale.float().reshape(rows, -1)
+    return (q.reshape(rows, s.shape[1], -1) * s[..., None]).reshape(rows, cols)
+
+
+def export_int4_torch(model: Any, src_dir: Path, out_dir: Path, group: int = GROUP_SIZE,
+                      keep_int8: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Pack `model`'s Linear/Embedding weights to 4 bits into `out_dir/model.int4.safetensors`
+    (norms stay float32; a tied head is stored once), dequantized to float32 at load. Weights
+    whose name contains one of `keep_int8` are stored as int8 (fp16 scale per 32) instead:
+    mixed precision, as llama.cpp's Q4_K_M keeps its most sensitive tensors at more bits."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    shapes: dict[str, list[int]] = {}
+    eight: list[str] = []
+    done: dict[int, str] = {}
+    quantizable = {f"{n}.weight" for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    state = model.state_dict()
+    for name, t in state.items():
+        if name in quantizable and t.dim() == 2:
+            if t.data_ptr() in done:
+                continue
+            if any(k in name for k in keep_int8):
+                q, s = quantize_groups_int8(t, GROUP_SIZE)
+                tensors[name], tensors[name + SCALE_SUFFIX] = q, s
+                eight.append(name)
+            else:
+                q, s = quantize_groups_int4(t, group)
+                tensors[name], tensors[name + INT4_SCALE_SUFFIX] = q, s
+            shapes[name] = list(t.shape)
+            done[t.data_ptr()] = name
+        else:
+            tensors[name] = t.detach().float().contiguous()
+    tied = {n: done[t.data_ptr()] for n, t in state.items()
+            if n in quantizable and t.dim() == 2 and done.get(t.data_ptr()) not in (None, n)}
+    groups = sorted({int4_group(c, group) for n, (_, c) in shapes.items() if n not in eight})
+    meta = {"format": INT4_FORMAT, "group_size": str(group),
+            "scheme": f"symmetric 4-bit (levels -8..7, Q4_0-style), one fp16 scale per {group} "
+                      "values of a row (or the largest divisor of the row length below it), "
+                      f"scale clip searched over {list(INT4_CLIP_GRID)}",
+            "shapes": json.dumps(shapes), "tied": json.dumps(tied), "int8": json.dumps(eight)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / INT4_TORCH_FILE), metadata=meta)
+    copy_side_files(src_dir, out_dir)
+    n4 = sum(math.prod(v) for k, v in shapes.items() if k not in eight)
+    n_all = sum(math.prod(v) for v in shapes.values())
+    notes = [f"{len(shapes) - len(eight)} weight matrices packed to 4 bits (symmetric, fp16 "
+             f"scale per {'/'.join(map(str, groups))} values, clip searched), dequantized to "
+             "fp32 at load (weight-only; torch layout, no ONNX graph)"]
+    if eight:
+        notes.append(f"mixed precision: {len(eight)} matrices kept int8 (names containing "
+                     f"{', '.join(keep_int8)}; fp16 scale per {GROUP_SIZE}): "
+                     f"{n4 / n_all:.0%} of the weights are 4-bit")
+    if tied:
+        notes.append("tied weights stored once: "
+                     + ", ".join(f"{a} = {b}" for a, b in tied.items()))
+    return {"notes": notes}
+
+
+def load_int4_model(path: Path) -> Any:
+    """The torch-layout int4 artifact as a float32 transformers model (weights q × s)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    weights = path / INT4_TORCH_FILE
+    read_model_config(path)
+    meta, tensors = _read_quantized_file(weights, INT4_FORMAT, "int4")
+    shapes: dict[str, list[int]] = json.loads(meta["shapes"])
+    tied: dict[str, str] = json.loads(meta.get("tied", "{}"))
+    config = AutoConfig.from_pretrained(str(path))
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    floats = {k: v for k, v in tensors.items() if k not in shapes
+              and not k.endswith((INT4_SCALE_SUFFIX, SCALE_SUFFIX))}
+    eight = set(json.loads(meta.get("int8", "[]")))
+    for name in [*shapes, *tied]:
+        src = tied.get(name, name)
+        floats[name] = dequantize_int8(tensors[src], tensors[src + SCALE_SUFFIX]) \
+            if src in eight else dequantize_int4(tensors[src], tensors[src + INT4_SCALE_SUFFIX],
+                                                 shapes[src][1])
+    _load_floats(model, weights, floats)
+    return model.eval()
+
+
+def load_int4_runner(path: Path, threads: int | None = None) -> TorchRunner:
+    model = load_int4_model(path)
+    tok = load_tokenizer_dir(path)
+    return TorchRunner(model, tok, stop_ids(tok, path), "int4", threads)
 
 
 def int4_available() -> str | None:

@@ -24,6 +24,7 @@ FORMATS = ("merged", "int8", "int4", "onnx", "gguf")
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".onnx_data", ".gguf", ".data")
 MODEL_FILES = {"merged": "model.safetensors", "int8": "model.int8.safetensors",
                "int4": "model.onnx", "onnx": "model.onnx", "gguf": "model.gguf"}
+# int4 with `export.int4_runtime: torch` is a safetensors file instead of the ONNX graph.
 
 
 def weight_bytes(path: Path) -> int:
@@ -98,6 +99,8 @@ class Runner(ABC):
     """One loaded artifact. Subclasses implement `reset` and `forward`; decoding is shared."""
 
     fmt: str = ""
+    batched = False
+    """True when `generate_batch` runs several prompts at once (else one at a time)."""
 
     def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
         self.tokenizer = tokenizer
@@ -139,6 +142,19 @@ class Runner(ABC):
         ids, finish = self.generate(prompt, max_new_tokens)
         return Answer(self.decode(ids), ids, finish, len(prompt))
 
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int
+                       ) -> list[tuple[list[int], str]]:
+        """Greedy answers to several prompts; one at a time unless the runtime batches."""
+        return [self.generate(p, max_new_tokens) for p in prompts]
+
+    def chat_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int
+                   ) -> list[Answer]:
+        prompts = [self.encode_chat(m) for m in conversations]
+        return [Answer(self.decode(ids), ids, finish, len(p))
+                for p, (ids, finish) in zip(prompts, self.generate_batch(prompts,
+                                                                         max_new_tokens),
+                                            strict=True)]
+
     def close(self) -> None:
         return None
 
@@ -163,6 +179,10 @@ def load_runner(fmt: str, path: Path, *, threads: int | None = None,
         from distill.export.quantize import load_int8_runner
 
         return load_int8_runner(path, threads=threads)
+    if fmt == "int4" and (path / "model.int4.safetensors").is_file():
+        from distill.export.quantize import load_int4_runner
+
+        return load_int4_runner(path, threads=threads)
     if fmt in ("onnx", "int4", "int8"):
         from distill.export.onnx_export import OnnxRunner
 

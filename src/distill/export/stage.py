@@ -1,9 +1,11 @@
 """The export stage: `student/` → `export/<format>/` + `export/export.json`.
 
 Order of work: (optional) prune + recover → merged (the base of every other format) → int8,
-onnx, int4 (from the onnx graph), gguf. Each artifact is then loaded back in its own runtime and
-measured the same way (`measure.py`): bytes, held-out accuracy with the evaluate stage's scorer,
-CPU latency per answer, tokens/s, peak memory, and fidelity to the PyTorch fp32 model:
+onnx, int4 (from the onnx graph, or 4-bit safetensors with `int4_runtime: torch`), gguf. Each
+artifact is then loaded back in its own runtime and measured the same way (`measure.py`): bytes,
+held-out accuracy with the evaluate stage's scorer (PyTorch artifacts through evaluate's own
+batched backend, ONNX graphs batched in ONNX Runtime, GGUF one prompt at a time), CPU latency
+per answer, tokens/s, peak memory, and fidelity to the PyTorch fp32 model:
 teacher-forced top-1 agreement and max |Δlogit| on several held-out prompts followed by the fp32
 model's own greedy answer (the same token ids for every format).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +85,21 @@ def teacher_size(cfg: PipelineConfig, run_dir: Path | None) -> dict[str, Any]:
     if params is None and metrics is not None and metrics.is_file():
         params = json.loads(metrics.read_text()).get("teacher_params")
     return {"teacher_params": params, "teacher_bytes": 4 * params if params else None,
-            "teacher_disk_bytes": disk}
+            "teacher_bf16_bytes": 2 * params if params else None, "teacher_disk_bytes": disk}
+
+
+def evaluate_accuracies(run_dir: Path | None) -> dict[str, Any]:
+    """The teacher's and the student's held-out accuracy from the evaluate stage (the same items
+    and scorer as export's when export.eval_limit covers the evaluate set), where it ran."""
+    import json
+
+    path = run_dir / "evaluate" / "metrics.json" if run_dir else None
+    if path is None or not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    return {"teacher_accuracy": m.get("teacher_accuracy"),
+            "evaluate_student_accuracy": m.get("student_accuracy"),
+            "evaluate_n": m.get("n_eval")}
 
 
 DEFAULT_MIN_TOP1 = 0.98
@@ -128,6 +145,9 @@ def export_artifact(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: Pipe
         from distill.export.onnx_export import export_onnx
 
         return export_onnx(model, merged_dir, path, e.onnx_opset)
+    if fmt == "int4" and e.int4_runtime == "torch":
+        return quantize.export_int4_torch(model, merged_dir, path, e.int4_block_size,
+                                          e.int4_keep_int8)
     if fmt in ("int4", "int8"):
         reason = quantize.int4_available()
         if reason:
@@ -163,8 +183,8 @@ def _safe_export(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: Pipelin
         return {"skipped": f"export failed ({type(err).__name__}: {str(err)[:300]})"}
 
 
-def _new_row(fmt: str, out: Path, params: int, info: dict[str, Any], int8_runtime: str
-             ) -> dict[str, Any]:
+def _new_row(fmt: str, out: Path, params: int, info: dict[str, Any], int8_runtime: str,
+             int4_runtime: str = "onnxruntime") -> dict[str, Any]:
     row: dict[str, Any] = {"format": fmt, "path": str((out / fmt).relative_to(out.parent)),
                            "params": params, "bytes": None, "accuracy": None,
                            "latency_p50_s": None, "latency_p95_s": None,
@@ -174,6 +194,8 @@ def _new_row(fmt: str, out: Path, params: int, info: dict[str, Any], int8_runtim
                            "notes": list(info.get("notes", []))}
     if fmt == "int8" and int8_runtime == "onnxruntime":
         row["runtime"] = "ONNX Runtime MatMulNBits 8-bit (CPU)"
+    if fmt == "int4" and int4_runtime == "torch":
+        row["runtime"] = "PyTorch, int4 weights (fp16 scale per group) dequantized to fp32 at load"
     if "skipped" in info:
         row["notes"].append(f"skipped: {info['skipped']}")
     return row
@@ -203,6 +225,11 @@ def _measure_row(row: dict[str, Any], fmt: str, path: Path, info: dict[str, Any]
         backend = getattr(runner, "backend", "llama.cpp")
         row["runtime"] = "llama.cpp (llama-cpp-python)" if backend == "llama.cpp" else \
             "numpy reference forward from the GGUF tensors (llama-cpp-python not installed)"
+        if backend == "llama.cpp":
+            own = getattr(runner, "own_tokenizer", True)
+            row["tokenizer"] = "llama.cpp" if own else "transformers"
+            if getattr(runner, "tokenizer_note", None):
+                row["notes"].append(runner.tokenizer_note)
     runner.close()
     del runner
     gc.collect()
@@ -224,6 +251,7 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     items = eval_items(cfg)
+    t_start = time.perf_counter()
 
     student = load_torch_model(student_dir, "student")
     student_params = sum(p.numel() for p in student.parameters())
@@ -234,7 +262,8 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
                            "notes": ["bytes: weight/graph files only (tokenizer and config "
                                      "files are shared by every format)",
                                      "teacher_bytes and student_fp32_bytes: 4 bytes per "
-                                     "parameter (fp32)"]}
+                                     "parameter (fp32); teacher_bf16_bytes: 2"]}
+    doc |= evaluate_accuracies(run_dir)
 
     pruned = None
     if e.prune is not None:
@@ -271,10 +300,14 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
 
     artifacts, all_preds = [], []
     for fmt in formats:
+        t0 = time.perf_counter()
         info = merged_info if fmt == "merged" else _safe_export(fmt, model, merged_dir, out, cfg)
-        row = _new_row(fmt, out, params, info, e.int8_runtime)
+        row = _new_row(fmt, out, params, info, e.int8_runtime, e.int4_runtime)
+        row["export_s"] = round(time.perf_counter() - t0, 2)
         if "skipped" not in info:
+            t0 = time.perf_counter()
             all_preds += _measure_row(row, fmt, out / fmt, info, cfg, items, seqs, threads)
+            row["measure_s"] = round(time.perf_counter() - t0, 2)
             flag_row(row, floor)
         artifacts.append(row)
         if fmt == "merged" and fp32_acc is None:
@@ -285,7 +318,9 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
     for row in artifacts:
         row["ratio_vs_fp32"] = _ratio(doc["student_fp32_bytes"], row["bytes"])
         row["ratio_vs_teacher"] = _ratio(doc["teacher_bytes"], row["bytes"])
+        row["ratio_vs_teacher_bf16"] = _ratio(doc["teacher_bf16_bytes"], row["bytes"])
         row["accuracy_vs_fp32"] = _ratio(row["accuracy"], fp32_acc, 4)
+        row["accuracy_vs_teacher"] = _ratio(row["accuracy"], doc.get("teacher_accuracy"), 4)
     doc["student_fp32_accuracy"] = fp32_acc
     doc["min_top1_agreement"] = floor
     doc["fidelity_method"] = (f"teacher-forced on {len(seqs)} held-out prompts + the fp32 "
@@ -301,6 +336,7 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
         doc["smallest"] = {"format": smallest["format"], "bytes": smallest["bytes"],
                            "ratio_vs_teacher": smallest["ratio_vs_teacher"],
                            "ratio_vs_fp32": smallest["ratio_vs_fp32"]}
+    doc["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_jsonl(out / "predictions.jsonl", all_preds)
     write_json(out / "export.json", doc)
     return doc
