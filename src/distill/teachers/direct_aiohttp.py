@@ -27,6 +27,8 @@ import openai
 import orjson
 from yarl import URL
 
+from distill.teachers.direct_http import request_body
+
 
 def _ssl_context() -> ssl.SSLContext:
     try:
@@ -70,13 +72,9 @@ class AiohttpClient:
         return f"AiohttpClient({self.base_url!r})"
 
     async def chat(self, kwargs: dict[str, Any]) -> bytes:
-        """POST the request the SDK would send for `kwargs` (extra_body merged in); the raw
-        body of a 2xx answer, or an SDK exception."""
-        body = kwargs
-        if "extra_body" in kwargs:
-            body = dict(kwargs)
-            body.update(body.pop("extra_body") or {})
-        return await self._call("POST", self._chat_url, orjson.dumps(body))
+        """POST the request the SDK would send for `kwargs`; the raw body of a 2xx answer, or
+        an SDK exception."""
+        return await self._call("POST", self._chat_url, request_body(kwargs))
 
     async def probe(self, timeout: float) -> None:
         await self._call("GET", self._models_url, None,

@@ -33,11 +33,9 @@ class DirectClient:
         return f"DirectClient({self.base_url!r})"
 
     async def chat(self, kwargs: dict[str, Any]) -> bytes:
-        """POST the request the SDK would send for `kwargs` (extra_body merged in); the raw
-        body of a 2xx answer, or an SDK exception."""
-        body = dict(kwargs)
-        body.update(body.pop("extra_body", None) or {})
-        return await self._call("POST", "chat/completions", orjson.dumps(body))
+        """POST the request the SDK would send for `kwargs`; the raw body of a 2xx answer, or
+        an SDK exception."""
+        return await self._call("POST", "chat/completions", request_body(kwargs))
 
     async def probe(self, timeout: float) -> None:
         await self._call("GET", "models", None, timeout=timeout)
@@ -75,3 +73,12 @@ def _status_error(resp: httpx2.Response) -> openai.APIStatusError:
     data = body.get("error", body) if isinstance(body, dict) else body
     return openai.APIStatusError(f"Error code: {resp.status_code} - {body}", response=resp,
                                  body=data)
+
+
+def request_body(kwargs: dict[str, Any]) -> bytes:
+    """The JSON body the SDK would send for `kwargs`: `extra_body` merged into the top level."""
+    if "extra_body" not in kwargs:
+        return orjson.dumps(kwargs)
+    body = dict(kwargs)
+    body.update(body.pop("extra_body") or {})
+    return orjson.dumps(body)
