@@ -51,10 +51,9 @@ class Pipeline:
     def run(self, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
         """Run `stages` (default: the config's), skipping finished, unchanged ones unless
         `force`; returns the manifest."""
-        from distill.pipeline import run_pipeline
+        from distill.pipeline import STAGES, run_pipeline
 
-        unknown = [s for s in stages or [] if s not in ("generate", "filter", "train",
-                                                         "evaluate", "export")]
+        unknown = [s for s in stages or [] if s not in STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown stage {unknown[0]!r}")
         return run_pipeline(self.config, self.run_dir, stages=stages, force=force,

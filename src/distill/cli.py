@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import ConfigError, PipelineConfig
+from distill.pipeline import STAGES
 from distill.records import RunDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -148,7 +149,7 @@ def _stage_command(stage: str) -> None:
     app.command(name=stage)(command)
 
 
-for _stage in ("generate", "filter", "train", "evaluate", "export"):
+for _stage in STAGES:
     _stage_command(_stage)
 
 
