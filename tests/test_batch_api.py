@@ -38,6 +38,7 @@ from distill.teachers.batch_files import (  # noqa: E402
 from distill.teachers.cache import ResponseCache  # noqa: E402
 from distill.teachers.engine import EngineStats, run_jobs  # noqa: E402
 from distill.teachers.estimate import estimate  # noqa: E402
+from tests.projects import write_sum_project
 
 fake_server = fakeserver_fixture.fake_server
 
@@ -143,10 +144,7 @@ def test_without_a_record_path_requests_go_online(fake_server: FakeServer) -> No
 
 # kill -9 after submission ----------------------------------------------------------------------
 def generate_config(tmp_path: Path, url: str, n: int = 6) -> PipelineConfig:
-    (tmp_path / "seeds.jsonl").write_text("".join(
-        f'{{"id": "s{i}", "question": "What is {i} + 1?", "answer": "{i + 1}"}}\n'
-        for i in range(n)))
-    (tmp_path / "p.j2").write_text("{{ question }}")
+    write_sum_project(tmp_path, n)
     return PipelineConfig.model_validate({
         "name": "batch", "root": str(tmp_path), "seeds": {"path": "seeds.jsonl"},
         "teacher": {"backend": "openai", "model": "fake-model", "base_url": url,

@@ -19,6 +19,7 @@ from fakeserver import FakeServer, Reply, Request, chat_body  # noqa: E402
 from distill.config import PipelineConfig  # noqa: E402
 from distill.formats import dataset_card, read_card_metadata, teacher_provenance  # noqa: E402
 from distill.records import GENERATION_FIELDS, empty_generation  # noqa: E402
+from tests.projects import write_sum_project
 
 fake_server = fakeserver_fixture.fake_server
 
@@ -30,10 +31,7 @@ FUNNEL: dict[str, Any] = {"in": 4, "out": 4, "filters": [
 
 def card_cfg(tmp_path: Path, url: str = "http://127.0.0.1:9/v1", batch: bool = False,
              n: int = 5) -> PipelineConfig:
-    (tmp_path / "seeds.jsonl").write_text("".join(
-        f'{{"id": "s{i}", "question": "What is {i} + 1?", "answer": "{i + 1}"}}\n'
-        for i in range(n)))
-    (tmp_path / "p.j2").write_text("{{ question }}")
+    write_sum_project(tmp_path, n)
     return PipelineConfig.model_validate({
         "name": "provenance", "root": str(tmp_path), "seeds": {"path": "seeds.jsonl"},
         "teacher": {"backend": "openai", "model": "fake-model", "base_url": url,

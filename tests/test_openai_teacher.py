@@ -45,6 +45,7 @@ from distill.teachers.limits import Budget, TokenBucket, parse_retry_after  # no
 from distill.teachers.openai_backend import OpenAITeacher  # noqa: E402
 from distill.teachers.reasoning import normalize_message, split_think  # noqa: E402
 from distill.teachers.replicas import Replica, ReplicaPool  # noqa: E402
+from tests.projects import write_sum_project
 
 fake_server = fakeserver_fixture.fake_server
 fake_servers = fakeserver_fixture.fake_servers
@@ -791,10 +792,7 @@ def test_cached_answers_without_logprobs_are_sent_again_when_needed(
 # the generate stage on a server that drops logprobs ------------------------------------------
 def stage_config(tmp_path: Path, url: str, **train: Any) -> PipelineConfig:
     """A cot pipeline: 12 seeds x 2 samples from `url` with top-5 logprobs, training `train`."""
-    (tmp_path / "seeds.jsonl").write_text("".join(
-        f'{{"id": "s{i}", "question": "What is {i} + 1?", "answer": "{i + 1}"}}\n'
-        for i in range(12)))
-    (tmp_path / "p.j2").write_text("{{ question }}")
+    write_sum_project(tmp_path, 12)
     return PipelineConfig.model_validate({
         "name": "soft", "root": str(tmp_path), "seeds": {"path": "seeds.jsonl"},
         "teacher": {"backend": "openai", "model": "fake-model", "base_url": url,

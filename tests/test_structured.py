@@ -26,6 +26,7 @@ from distill.teachers.cache import cache_key  # noqa: E402
 from distill.teachers.engine import run_jobs  # noqa: E402
 from distill.teachers.openai_backend import OpenAITeacher  # noqa: E402
 from distill.teachers.structured import response_format, validate  # noqa: E402
+from tests.projects import write_sum_project
 
 fake_server = fakeserver_fixture.fake_server
 
@@ -151,10 +152,7 @@ def test_free_text_is_not_validated_and_keys_unchanged(fake_server: FakeServer) 
 
 
 def stage_config(tmp_path: Path, url: str, fmt: Any, batch: bool = False) -> PipelineConfig:
-    (tmp_path / "seeds.jsonl").write_text("".join(
-        f'{{"id": "s{i}", "question": "What is {i} + 1?", "answer": "{i + 1}"}}\n'
-        for i in range(4)))
-    (tmp_path / "p.j2").write_text("{{ question }}")
+    write_sum_project(tmp_path, 4)
     return PipelineConfig.model_validate({
         "name": "structured", "root": str(tmp_path), "seeds": {"path": "seeds.jsonl"},
         "teacher": {"backend": "openai", "model": "fake-model", "base_url": url,
