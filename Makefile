@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,export,semantic,eval]'
+	$(PY) -m pip install -q -e '.[dev,export,semantic,eval,ray]'
 	touch $(STAMP)
 
 # llama.cpp for the GGUF artifact (export.formats: gguf): llama-cpp-python has no wheel on PyPI
@@ -46,6 +46,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 from distill.config import PipelineConfig, load_config  # noqa: E402
-from distill.export.runtime import FORMATS  # noqa: E402
+from distill.export.formats import FORMATS  # noqa: E402
 
 
 def _mb(n: int | None) -> str:

@@ -86,13 +86,14 @@ def engine(url: str, n: int, concurrency: int, cache_dir: Path | None,
     params = SamplingParams(max_tokens=16, temperature=0.7)
     jobs = [Job(key=f"q{i}", messages=[{"role": "user", "content": f"q{i}"}], params=params,
                 samples=[0]) for i in range(n)]
-    cache = ResponseCache(cache_dir / f"cache-{time.time_ns()}.sqlite") if cache_dir else None
-    results, stats = run_jobs(OpenAITeacher(cfg), jobs, cache, show_progress=False)
+    if cache_dir is None:
+        results, stats = run_jobs(OpenAITeacher(cfg), jobs, None, show_progress=False)
+    else:
+        with ResponseCache(cache_dir / f"cache-{time.time_ns()}.sqlite") as cache:
+            results, stats = run_jobs(OpenAITeacher(cfg), jobs, cache, show_progress=False)
+            assert len(cache) == n or stats.failed
     if stats.failed or len(results) != n:
         raise RuntimeError(f"engine run failed: {stats}")
-    if cache is not None:
-        assert len(cache) == n
-        cache.close()
 
 
 CURATOR_SCRIPT = """

@@ -33,7 +33,7 @@ def sampler(stop: threading.Event, peak: list[int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="sft")
+    ap.add_argument("--method", default="sft", choices=("sft", "kd"))
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)

@@ -1,5 +1,6 @@
 """`distill train` runs unchanged under `accelerate launch`: two data-parallel processes train one
-student, and only the main process saves it.
+student (SFT, or KD on stored soft targets), only the main process saves it, and no process
+returns from training before the student is saved.
 
 On a machine without GPUs, `accelerate launch --cpu --num_processes 2` starts a single process
 (accelerate runs multi-CPU jobs through mpirun), so the test launches with `--multi_gpu`: that
@@ -36,9 +37,38 @@ def _accelerate() -> list[str]:
     return [str(exe)] if exe.exists() else [shutil.which("accelerate") or "accelerate"]
 
 
-@pytest.fixture()
-def sft_project(tmp_path: Path) -> Path:
-    """A project dir with a curated sft set (8 rows) and a pipeline file with a tiny student."""
+# Runs `distill train` in each process and notes, the moment each method's training function
+# returns on that process, which files its student directory holds: a process must not go on (to
+# the next student or stage, which read it) before the main process has saved the student.
+DRIVER = """
+import json, os, sys
+from pathlib import Path
+
+from distill.cli import main
+from distill.train import stage
+
+
+def noting_the_student(train):
+    def wrapped(cfg, run_dir, rows, out_dir, **kw):
+        info = train(cfg, run_dir, rows, out_dir, **kw)
+        seen = sorted(p.name for p in Path(out_dir).glob("*"))
+        Path(f"seen-rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+        return info
+    return wrapped
+
+
+stage.TRAINERS.update({m: noting_the_student(f) for m, f in stage.TRAINERS.items()})
+try:
+    main()
+except SystemExit as done:
+    if done.code:
+        raise
+"""
+
+
+def _project(root: Path, method: str) -> Path:
+    """A project dir with a curated sft set (8 rows) and a pipeline file with a tiny student;
+    for KD the rows carry the teacher's tokens and a top-2 of soft targets per token."""
     rows: list[dict[str, Any]] = [
         {"id": f"r{i}", "seed_id": f"s{i}", "question": f"What is {i} + {i}?",
          "gold": str(2 * i), "answer": str(2 * i),
@@ -46,42 +76,51 @@ def sft_project(tmp_path: Path) -> Path:
                       {"role": "assistant",
                        "content": f"{i} + {i} = {2 * i}.\nThe answer is {2 * i}."}]}
         for i in range(8)]
-    make_tokenizer(tmp_path / "tok", [m["content"] for r in rows for m in r["messages"]])
-    (tmp_path / "run" / "sft").mkdir(parents=True)
-    (tmp_path / "run" / "sft" / "sft.jsonl").write_text(
+    tok = make_tokenizer(root / "tok", [m["content"] for r in rows for m in r["messages"]])
+    if method == "kd":
+        for r in rows:
+            r["response"] = r["messages"][-1]["content"]
+            r["token_ids"] = tok(r["response"], add_special_tokens=False)["input_ids"]
+            r["top_logprobs"] = [[[t, -0.1], [(t + 1) % len(tok), -2.4]] for t in r["token_ids"]]
+    (root / "run" / "sft").mkdir(parents=True)
+    (root / "run" / "sft" / "sft.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "seeds.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    (tmp_path / "pipelines").mkdir()
-    (tmp_path / "prompts").mkdir()
-    root = Path(__file__).resolve().parents[1]
-    shutil.copy(root / "src" / "distill" / "prompts" / "cot.j2", tmp_path / "prompts" / "cot.j2")
-    (tmp_path / "pipelines" / "ddp.yaml").write_text("""
+    (root / "data").mkdir()
+    (root / "data" / "seeds.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (root / "pipelines").mkdir()
+    (root / "prompts").mkdir()
+    src = Path(__file__).resolve().parents[1] / "src" / "distill" / "prompts" / "cot.j2"
+    shutil.copy(src, root / "prompts" / "cot.j2")
+    (root / "pipelines" / "ddp.yaml").write_text(f"""
 name: ddp
-seeds: {path: data/seeds.jsonl}
+seeds: {{path: data/seeds.jsonl}}
 train:
-  student_config: {model_type: llama, hidden_size: 32, intermediate_size: 64,
+  method: {method}
+  student_config: {{model_type: llama, hidden_size: 32, intermediate_size: 64,
                    num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 4,
-                   max_position_embeddings: 256, tie_word_embeddings: true}
+                   max_position_embeddings: 256, tie_word_embeddings: true}}
   tokenizer: tok
-  lora: {r: 4, alpha: 8}
+  lora: {{r: 4, alpha: 8}}
   epochs: 1
   batch_size: 2
   max_length: 128
   logging_steps: 1
 """)
-    return tmp_path
+    (root / "driver.py").write_text(DRIVER)
+    return root
 
 
-def test_train_under_accelerate_launch_two_processes(sft_project: Path) -> None:
-    run_dir = sft_project / "run"
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_train_under_accelerate_launch_two_processes(tmp_path: Path, method: str) -> None:
+    project = _project(tmp_path, method)
+    run_dir = project / "run"
     cmd = [*_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "distill.cli", "train", "pipelines/ddp.yaml", "--run-dir", str(run_dir)]
+           "driver.py", "train", "pipelines/ddp.yaml", "--run-dir", str(run_dir)]
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
                         "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=sft_project, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
                           timeout=280)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -90,6 +129,8 @@ def test_train_under_accelerate_launch_two_processes(sft_project: Path) -> None:
     info = manifest["stages"]["train"]["students"]["student"]
     assert manifest["stages"]["train"]["status"] == "done"
     assert info["world_size"] == 2
+    if method == "kd":
+        assert info["soft_targets"] == "stored top-k" and info["top_k"] == 2
     # 8 rows, 2 per device, 2 devices: 2 optimizer steps per process (the data was sharded)
     assert info["steps"] == 2
     # one student, saved once: no second writer's leftovers beside it
@@ -98,6 +139,10 @@ def test_train_under_accelerate_launch_two_processes(sft_project: Path) -> None:
     assert (student / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
     assert log.count("Writing model shards: 100%") <= 1  # the merged model: main process only
+    # every process found the saved student when its training call returned (the barrier)
+    saved = sorted(p.name for p in student.iterdir())
+    for rank in (0, 1):
+        assert json.loads((project / f"seen-rank{rank}.json").read_text()) == saved, rank
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(student).chat_template == CHAT_TEMPLATE

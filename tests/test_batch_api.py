@@ -301,6 +301,8 @@ def test_retries_are_bounded_and_bad_requests_not_retried(fake_server: FakeServe
         ("q0", 0)].error
     assert results[("q1", 0)].error.startswith("HTTP 400: bad messages")
     assert results[("q2", 0)].error == "empty content (gave up after 3 attempts)"
+    assert [results[(f"q{i}", 0)].error_kind for i in range(4)] == [
+        "server", "bad_request", "empty", None]
     assert len(fake_server.batch.created) == 3  # the first and two follow-ups
     sent = [r.prompt for r in fake_server.batch.lines]
     assert sent.count("q0") == 3 and sent.count("q1") == 1 and sent.count("q3") == 1
@@ -365,7 +367,8 @@ def test_budget_caps_what_is_submitted(fake_server: FakeServer, tmp_path: Path) 
     results, stats, _ = run(cfg, jobs, tmp_path / "b.json")
     sent = len(fake_server.batch.lines)
     assert 3 <= sent < 8
-    budget_rows = [c for c in results.values() if c.error and "budget" in c.error]
+    budget_rows = [c for c in results.values() if c.error_kind == "budget"]
+    assert all(c.error.startswith("budget: max_cost_usd") for c in budget_rows)
     assert len(budget_rows) + sent == 8 and stats.budget_stopped
     assert stats.cost_usd <= 2.5e-4
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from distill.config import load_config
+from distill.export.files import weight_bytes
 from distill.export.measure import eval_items, prompt_messages
 from distill.export.merge import TorchRunner, load_torch_model
-from distill.export.runtime import load_tokenizer_dir, stop_ids, weight_bytes
+from distill.export.runtime import load_tokenizer_dir, stop_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "pipelines" / "demo.yaml"
@@ -140,10 +141,10 @@ def test_llama_cpp_runs_the_demo_gguf_like_pytorch(demo_cfg: Any, src: Path,
     tokenizer marks digit place values in a normalizer llama.cpp does not run, so the runner must
     notice and feed it the transformers tokenizer's ids (said in the artifact's notes)."""
     pytest.importorskip("llama_cpp")
-    from distill.export.gguf_export import LlamaCppRunner, write_gguf
+    from distill.answers import answers_match, parse_response
+    from distill.export.gguf_export import write_gguf
+    from distill.export.gguf_runtime import LlamaCppRunner
     from distill.export.measure import fidelity, fidelity_sequences
-    from distill.filter.verify import answers_match
-    from distill.generate.parse import parse_response
 
     write_gguf(src, tmp_path, qtype="q8_0", name="demo")
     r = LlamaCppRunner(tmp_path, threads=1)

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.config import ConfigError, load_config
+from distill.export.formats import FORMATS, load_runner
 from distill.export.merge import TorchRunner, load_torch_model
-from distill.export.runtime import FORMATS, load_runner, load_tokenizer_dir, stop_ids
+from distill.export.runtime import load_tokenizer_dir, stop_ids
 from tests.conftest import COT_TEMPLATE, MICRO_SEEDS, micro_solution
 from tests.tiny import make_tokenizer
 
@@ -136,8 +137,7 @@ def test_quantized_formats_agree_within_tolerance(exported: dict[str, Any], stud
                                                   fmt: str, min_top1: float) -> None:
     """Stated tolerance: top-1 on ≥ 95% (int8) / 80% (int4) of answer positions under teacher
     forcing, and int8 keeps the final answers."""
-    from distill.filter.verify import answers_match
-    from distill.generate.parse import parse_response
+    from distill.answers import answers_match, parse_response
 
     if fmt == "int4" and _int4_missing():
         pytest.skip(str(_int4_missing()))
@@ -191,7 +191,8 @@ def test_gguf_file_holds_tensors_and_tokenizer(exported: dict[str, Any], student
     import gguf
     from safetensors.numpy import load_file
 
-    from distill.export.gguf_export import gguf_tensors, read_gguf, write_gguf
+    from distill.export.gguf_export import write_gguf
+    from distill.export.gguf_file import gguf_tensors, read_gguf
 
     write_gguf(student, tmp_path, qtype="f32")  # lossless: tensors must round-trip exactly
     meta, tensors = read_gguf(tmp_path / "model.gguf")
@@ -213,7 +214,8 @@ def test_gguf_file_holds_tensors_and_tokenizer(exported: dict[str, Any], student
 
 def test_grouped_query_attention_and_untied_head_export_exactly(tmp_path: Path) -> None:
     """kv heads < heads and a separate LM head: onnx, gguf (f32) and int8 agree with PyTorch."""
-    from distill.export.gguf_export import GGUFNumpyRunner, write_gguf
+    from distill.export.gguf_export import write_gguf
+    from distill.export.gguf_runtime import GGUFNumpyRunner
     from distill.export.measure import agreement, reference_logits
     from distill.export.onnx_export import OnnxRunner, export_onnx
     from distill.export.quantize import export_int8
@@ -242,7 +244,7 @@ def test_grouped_query_attention_and_untied_head_export_exactly(tmp_path: Path) 
 
 def test_gguf_in_llama_cpp_matches_pytorch(exported: dict[str, Any], student: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from distill.export.gguf_export import LlamaCppRunner
+    from distill.export.gguf_runtime import LlamaCppRunner
 
     ref = _reference(student)
     r = LlamaCppRunner(exported["out"] / "gguf", threads=1)
@@ -280,7 +282,7 @@ def test_lora_adapter_is_merged_with_peft(tmp_path: Path, student: Path) -> None
     assert (tmp_path / "merged" / "chat_template.jinja").exists()
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", list(FORMATS))
 def test_broken_artifact_is_a_clear_error(exported: dict[str, Any], tmp_path: Path,
                                           fmt: str) -> None:
     if fmt == "int4" and _int4_missing():
@@ -377,7 +379,7 @@ def test_flag_row_marks_only_rows_under_the_floor() -> None:
 def test_weight_bytes_counts_only_the_model_files(tmp_path: Path) -> None:
     """An adapter/ or checkpoint subfolder is not the model; a parent named `adapter…` does not
     hide the model (the old filter looked at every component of the absolute path)."""
-    from distill.export.runtime import weight_bytes
+    from distill.export.files import weight_bytes
 
     student = tmp_path / "adapter-sweep" / "student"
     (student / "adapter").mkdir(parents=True)
@@ -387,3 +389,54 @@ def test_weight_bytes_counts_only_the_model_files(tmp_path: Path) -> None:
     (student / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 30)
     (student / "checkpoint-10" / "model.safetensors").write_bytes(b"x" * 100)
     assert weight_bytes(student) == 100
+
+
+def test_export_order_and_layouts_come_from_the_format_table(tmp_path: Path) -> None:
+    """onnx is exported before what is quantized from its graph; the config's runtime switch
+    picks the layout to write, and an artifact directory is recognised by its file."""
+    from distill.config import ExportConfig
+    from distill.export.formats import export_plan
+
+    every = list(FORMATS)
+    plan = export_plan(ExportConfig(formats=every))
+    assert [f.name for f, _ in plan] == ["merged", "int8", "onnx", "int4", "gguf"]
+    assert {f.name: lay.file for f, lay in plan}["int8"] == "model.int8.safetensors"
+    plan = export_plan(ExportConfig(formats=every, int8_runtime="onnxruntime",
+                                    int4_runtime="torch"))
+    assert [f.name for f, _ in plan] == ["merged", "onnx", "int8", "int4", "gguf"]
+    assert [lay.choice for f, lay in plan if f.name in ("int8", "int4")] == ["onnxruntime",
+                                                                            "torch"]
+    assert [f.name for f in FORMATS.values() if f.fp32] == ["merged"]
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert FORMATS["int8"].layout_in(tmp_path).choice == "onnxruntime"
+    assert FORMATS["int4"].layout_in(tmp_path).choice == "onnxruntime"
+    (tmp_path / "model.int4.safetensors").write_bytes(b"")
+    assert FORMATS["int4"].layout_in(tmp_path).choice == "torch"
+    assert FORMATS["int8"].layout_in(tmp_path / "empty").choice == "torch"
+    with pytest.raises(ConfigError, match="--format int9: unknown format"):
+        load_runner("int9", tmp_path)
+
+
+def test_the_runtime_and_the_format_modules_do_not_import_the_table() -> None:
+    """runtime.py knows no format, and no format module imports formats.py (nor the stage):
+    the table depends on them, never the reverse — the circle runtime.py <-> format modules
+    this layout replaced."""
+    import ast
+
+    import distill.export as pkg
+
+    root = Path(pkg.__file__).parent
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        return {n.module.removeprefix("distill.export.") for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module
+                and n.module.startswith("distill.export.")}
+
+    assert imports("runtime") == set()
+    assert imports("files") == set()
+    for name in ("merge", "quantize", "onnx_export", "gguf_export", "gguf_file",
+                 "gguf_runtime"):
+        assert not imports(name) & {"formats", "stage", "measure", "chat", "report"}, name
+    assert {"merge", "quantize", "onnx_export", "gguf_export", "gguf_runtime"} <= \
+        imports("formats")

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from distill.config import load_config
+from distill.export.files import weight_bytes
 from distill.export.merge import TorchRunner, load_torch_model
-from distill.export.runtime import load_tokenizer_dir, stop_ids, weight_bytes
+from distill.export.runtime import load_tokenizer_dir, stop_ids
 from tests.test_export import _project
 
 pytestmark = pytest.mark.real
@@ -154,7 +155,7 @@ def test_gguf_of_the_real_model_comes_from_llama_cpp_converter(real_export: dict
                                                                real_model: Path) -> None:
     from safetensors.numpy import load_file
 
-    from distill.export.gguf_export import read_gguf
+    from distill.export.gguf_file import read_gguf
 
     gguf = real_export["by"]["gguf"]
     assert "convert_hf_to_gguf" in gguf["notes"][0], gguf["notes"]
@@ -195,7 +196,8 @@ def _tiny(kind: str, out: Path, tokenizer_dir: Path) -> Path:
 def test_qwen3_exports_gguf_through_the_converter(real_model: Path, tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
-    from distill.export.gguf_export import read_gguf, write_gguf
+    from distill.export.gguf_export import write_gguf
+    from distill.export.gguf_file import read_gguf
 
     _converter()
     src = _tiny("qwen3", tmp_path / "qwen3", real_model)

@@ -11,8 +11,8 @@ import pytest
 
 from benchmarks.edits import light_edit
 from distill.config import ConfigError, DecontamConfig, PipelineConfig
+from distill.filter.chain import filter_rows
 from distill.filter.decontam import build_index, decontam_reasons
-from distill.filter.stage import filter_rows
 
 GSM8K = next((p for p in (Path(__file__).resolve().parents[1] / "data" / "gsm8k",
                           Path("/work/shared/data/gsm8k")) if (p / "train.jsonl").exists()), None)

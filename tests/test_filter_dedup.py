@@ -19,6 +19,7 @@ from distill.config import (
     PipelineConfig,
     SemanticDedupConfig,
 )
+from distill.filter.chain import filter_rows
 from distill.filter.dedup import (
     exact_duplicate_labels,
     keep_best_of_clusters,
@@ -28,7 +29,6 @@ from distill.filter.dedup import (
     shingle_hashes,
     shingles,
 )
-from distill.filter.stage import filter_rows
 
 GSM8K = next((p for p in (Path(__file__).resolve().parents[1] / "data" / "gsm8k",
                           Path("/work/shared/data/gsm8k")) if (p / "train.jsonl").exists()), None)

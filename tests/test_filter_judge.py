@@ -11,8 +11,8 @@ import pytest
 
 import distill.filter.judge as judge_module
 from distill.config import PipelineConfig
+from distill.filter.chain import filter_rows
 from distill.filter.judge import parse_judge_score
-from distill.filter.stage import filter_rows
 from distill.teachers.base import Completion, Job
 from distill.teachers.cache import ResponseCache
 
@@ -45,7 +45,7 @@ class FakeJudge:
     """A Teacher: replies from the response under review, and records what it was asked."""
 
     backend = "fake"
-    model = "fake-judge"
+    model_id = "fake-judge"
 
     def __init__(self) -> None:
         self.prompts: list[str] = []

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from distill.config import PipelineConfig
-from distill.filter.stage import filter_rows
+from distill.filter.chain import filter_rows
 
 GSM8K = next((p for p in (Path(__file__).resolve().parents[1] / "data" / "gsm8k",
                           Path("/work/shared/data/gsm8k")) if (p / "train.jsonl").exists()), None)

@@ -21,13 +21,12 @@ from fakeserver import FakeServer, Reply, Request, chat_body  # noqa: E402
 
 from distill.cli import app  # noqa: E402
 from distill.config import SelfInstructConfig  # noqa: E402
-from distill.generate.instruct import (  # noqa: E402
-    NoveltyFilter,
+from distill.generate.instruct_parse import (  # noqa: E402
     instruction_problem,
     parse_evolved,
     parse_instructions,
-    rouge_l,
 )
+from distill.generate.novelty import NoveltyFilter, rouge_l  # noqa: E402
 
 fake_server = fakeserver_fixture.fake_server
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,3 +212,32 @@ def test_instructions_dry_run_counts_every_step() -> None:
     assert "Come up with 8 new tasks" in res.output
     # 10 proposal prompts + 80 evolutions + 80 answers
     assert re.search(r"prompts\s*│\s*170\b", res.output), res.output
+
+
+def test_instruct_rows_keep_the_teachers_soft_targets(fake_server: FakeServer,
+                                                       tmp_path: Path) -> None:
+    """`teacher.top_logprobs`: the answers ask for them and every row keeps them, as
+    chain-of-thought rows do; proposals and rewrites never ask (they train nothing)."""
+    fake_server.handler = instruct_handler()
+    run_dir = tmp_path / "run"
+    res = runner.invoke(app, [
+        "generate", str(ROOT / "pipelines" / "instructions.yaml"), "--run-dir", str(run_dir),
+        "--set", f"teacher.base_url={fake_server.url}", "--set", "teacher.api_key_env=null",
+        "--set", "teacher.top_logprobs=3", "--set", "generate.samples_per_prompt=2",
+        "--set", "generate.self_instruct.num_instructions=3",
+        "--set", "generate.self_instruct.evolve_rounds=0"])
+    assert res.exit_code == 0, res.output
+
+    gens = _read(run_dir / "generate" / "generations.jsonl")
+    assert len(gens) == 6 and all(g["error"] is None for g in gens)
+    for g in gens:
+        # the fake server answers word by word: one top-3 list per word of the response
+        assert len(g["top_logprobs"]) == len(g["response"].split(" ")) > 0
+        assert all(len(step) == 3 for step in g["top_logprobs"])
+        assert g["top_logprobs"][0][0][0] == g["response"].split(" ")[0]
+    asked: dict[bool, set[Any]] = {True: set(), False: set()}
+    for r in fake_server.chat_requests():
+        asked["Come up with" in r.prompt].add(r.body.get("top_logprobs"))
+    assert asked == {True: {None}, False: {3}}  # proposals: none; answers: top-3
+    stage = json.loads((run_dir / "manifest.json").read_text())["stages"]["generate"]
+    assert stage["soft_targets"] == "top-3 logprobs"

@@ -164,7 +164,7 @@ train:
 @pytest.fixture(scope="module")
 def kd_run(kd_project: Path) -> tuple[PipelineConfig, RunDir]:
     """generate (with top-k) → filter: a run directory whose sft set carries soft targets."""
-    from distill.filter.run import run as run_filter
+    from distill.filter.stage import run as run_filter
     from distill.generate.stage import run as run_generate
 
     cfg = load_config(kd_project)
@@ -181,7 +181,7 @@ def _sft(run_dir: RunDir) -> list[dict[str, Any]]:
 
 
 def _batch(rows: list[dict[str, Any]], tok: Any) -> dict[str, Any]:
-    from distill.train.kd import KDCollator, TokenMapper, kd_examples
+    from distill.train.kd_data import KDCollator, TokenMapper, kd_examples
 
     examples, _ = kd_examples(rows, tok, max_length=256, mapper=TokenMapper(tok, len(tok)))
     return KDCollator(tok.pad_token_id)(examples)
@@ -201,7 +201,7 @@ def test_topk_capture_round_trips_through_the_stored_rows(kd_project: Path, tmp_
     teacher = TransformersTeacher(cfg.teacher)
     teacher._ensure_loaded()
     jobs = build_jobs(cfg, MICRO_SEEDS[:3], samples=1)
-    comps = teacher._generate([(j, 0) for j in jobs], jobs[0].params)
+    comps = teacher.generate_batch([(j, 0) for j in jobs])
     rows = [generation_row(cfg, s, j, 0, c)
             for s, j, c in zip(MICRO_SEEDS[:3], jobs, comps, strict=True)]
     assert all(len(r["top_logprobs"]) == len(r["token_ids"]) > 0 for r in rows)
@@ -254,30 +254,37 @@ def test_openai_token_strings_map_to_the_same_targets(kd_run: tuple[PipelineConf
         assert torch.equal(a[k], b[k]), k
 
 
-def test_vocabulary_mismatch_is_a_clear_config_error(kd_run: tuple[PipelineConfig, RunDir],
-                                                     tmp_path: Path) -> None:
-    from distill.train.kd import train_kd
+def test_vocabulary_mismatch_goes_cross_tokenizer_or_is_a_clear_config_error(
+        kd_run: tuple[PipelineConfig, RunDir], tmp_path: Path) -> None:
+    """A student with another vocabulary: `cross_tokenizer: auto` aligns instead of comparing
+    ids (issue #21), with a local teacher's tokenizer or from an API teacher's token strings;
+    the same-vocabulary path still refuses ids that do not spell the responses, and string top-k
+    that spell nothing of the response are refused."""
+    from distill.train.kd import _resolve_mode, train_kd
+    from distill.train.kd_data import require_shared_vocabulary
     from distill.train.student import load_tokenizer
 
     cfg, run_dir = kd_run
     other = tmp_path / "other-tok"
-    make_tokenizer(other, ["completely different words here", "zebra quartz"] * 20)
+    other_tok = make_tokenizer(other, ["completely different words here", "zebra quartz"] * 20)
     bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"tokenizer": str(other)})})
-    with pytest.raises(ConfigError, match="vocabularies"):
-        train_kd(bad, run_dir, _sft(run_dir), tmp_path / "student")
-    # No local teacher to compare with (an API teacher's token strings): still refused, whether
-    # the student splits the responses differently or does not know the teacher's strings.
     tok = load_tokenizer(cfg)
+    rows = _sft(run_dir)
+    assert _resolve_mode(cfg, rows, tok, tok) == "exact"
+    assert _resolve_mode(bad, rows, other_tok, tok) == "align"
+    with pytest.raises(ConfigError, match="vocabularies"):  # what exact KD would do
+        require_shared_vocabulary(bad, rows, other_tok, tok)
     as_strings = [r | {"token_ids": None,
                        "top_logprobs": [[(tok.decode([t]), lp) for t, lp in step]
-                                        for step in r["top_logprobs"]]} for r in _sft(run_dir)]
+                                        for step in r["top_logprobs"]]} for r in rows]
+    assert _resolve_mode(bad, as_strings, other_tok, None) == "align"
+    assert _resolve_mode(cfg, as_strings, tok, None) == "exact"
     unknown = [r | {"top_logprobs": [[("\u0444\u044b\u0432", lp) for _, lp in step]
                                      for step in r["top_logprobs"]]} for r in as_strings]
-    for c, rows in ((bad, as_strings), (cfg, unknown)):
-        api = c.model_copy(update={"teacher": c.teacher.model_copy(
-            update={"backend": "openai", "model": "gpt-x"})})
-        with pytest.raises(ConfigError, match="vocabularies"):
-            train_kd(api, None, rows, tmp_path / "student")
+    api = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(
+        update={"backend": "openai", "model": "gpt-x"})})
+    with pytest.raises(ConfigError, match="do not spell the response"):
+        train_kd(api, None, unknown, tmp_path / "student")
     assert not (tmp_path / "student").exists()
 
 
@@ -285,7 +292,7 @@ def _kl_to_teacher(model: Any, teacher: Any, tok: Any) -> float:
     """Mean forward KL(teacher || student), T = 1, on held-out solutions (unseen numbers)."""
     import torch
 
-    from distill.train.kd import KDCollator, kd_examples
+    from distill.train.kd_data import KDCollator, kd_examples
     from distill.train.losses import gather_positions, generalized_jsd, masked_mean
 
     held_out = [{"question": f"Tom has {a} apples and buys {b} more. How many apples now?",
@@ -307,7 +314,8 @@ def test_short_kd_run_lowers_the_kl_to_the_teacher(kd_run: tuple[PipelineConfig,
                                                    ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from distill.train.kd import load_teacher, train_kd
+    from distill.train.common import load_teacher
+    from distill.train.kd import train_kd
     from distill.train.student import build_student, load_tokenizer
 
     cfg, run_dir = kd_run
@@ -369,7 +377,7 @@ def test_static_kv_cache_samples_the_same_tokens_and_soft_targets(kd_project: Pa
     for cache in ("dynamic", "static"):
         teacher = TransformersTeacher(cfg.teacher.model_copy(update={"kv_cache": cache}))
         teacher._ensure_loaded()
-        outs[cache] = teacher._generate([(j, 0) for j in jobs], jobs[0].params)
+        outs[cache] = teacher.generate_batch([(j, 0) for j in jobs])
     for a, b in zip(outs["dynamic"], outs["static"], strict=True):
         assert a.token_ids == b.token_ids and a.text == b.text
         assert a.top_logprobs is not None and len(a.top_logprobs) == len(a.token_ids)
@@ -410,7 +418,8 @@ def test_bucketed_batches_cover_every_example_with_less_padding_in_random_order(
 
 
 def test_topk_tensors_pads_ragged_and_empty_steps() -> None:
-    from distill.train.kd import NEG, topk_tensors
+    from distill.train.kd_data import topk_tensors
+    from distill.train.losses import NEG
 
     ids, lps, valid = topk_tensors([[(3, -0.1), (5, -2.0)], [], [(7, -0.5)]])
     assert ids.tolist() == [[3, 5], [0, 0], [7, 0]]

@@ -35,6 +35,7 @@ from fakeserver import (  # noqa: E402
     per_prompt,
 )
 
+from distill.answers import split_think  # noqa: E402
 from distill.config import ConfigError, PipelineConfig, TeacherConfig  # noqa: E402
 from distill.teachers import make_teacher  # noqa: E402
 from distill.teachers.base import Completion, Job, SamplingParams  # noqa: E402
@@ -43,7 +44,7 @@ from distill.teachers.engine import EngineStats, run_jobs  # noqa: E402
 from distill.teachers.estimate import estimate  # noqa: E402
 from distill.teachers.limits import Budget, TokenBucket, parse_retry_after  # noqa: E402
 from distill.teachers.openai_backend import OpenAITeacher  # noqa: E402
-from distill.teachers.reasoning import normalize_message, split_think  # noqa: E402
+from distill.teachers.reasoning import normalize_message  # noqa: E402
 from distill.teachers.replicas import Replica, ReplicaPool  # noqa: E402
 from tests.projects import write_sum_project
 
@@ -205,15 +206,15 @@ def test_transient_faults_are_retried(fake_server: FakeServer, fault: Reply) -> 
     assert stats.failed == 0 and teacher.counters["retries"] == 8
 
 
-@pytest.mark.parametrize("fault,why", [
-    (Reply(500, error_body("boom")), "HTTP 500: boom"),
-    (Reply(body="<html>bad gateway</html>"), "malformed response"),
-    (Reply(body={"choices": []}), "empty response"),
-    (lambda req: Reply(body=chat_body(req, texts=[""] * req.n)), "empty content"),
-    (Reply(drop=True), "connection error"),
+@pytest.mark.parametrize("fault,why,kind", [
+    (Reply(500, error_body("boom")), "HTTP 500: boom", "server"),
+    (Reply(body="<html>bad gateway</html>"), "malformed response", "malformed"),
+    (Reply(body={"choices": []}), "empty response", "empty"),
+    (lambda req: Reply(body=chat_body(req, texts=[""] * req.n)), "empty content", "empty"),
+    (Reply(drop=True), "connection error", "connection"),
 ], ids=["500", "malformed", "no-choices", "empty-content", "dropped"])
 def test_persistent_faults_end_as_error_rows(fake_server: FakeServer, fault: Any,
-                                              why: str) -> None:
+                                              why: str, kind: str) -> None:
     fake_server.handler = fault if callable(fault) else (lambda req: fault)
     teacher = fast_teacher(teacher_cfg(fake_server.url, max_retries=2))
     jobs = make_jobs(3, samples=2)
@@ -221,6 +222,7 @@ def test_persistent_faults_end_as_error_rows(fake_server: FakeServer, fault: Any
     assert set(results) == {(j.key, s) for j in jobs for s in j.samples}
     for comp in results.values():
         assert comp.error and why in comp.error and "gave up after 3 attempts" in comp.error
+        assert comp.error_kind == kind
     assert fake_server.chat_count == 9 and stats.failed == 6
 
 
@@ -245,6 +247,7 @@ def test_bad_request_is_not_retried(fake_server: FakeServer) -> None:
     jobs = make_jobs(3)
     results, _ = run(fast_teacher(teacher_cfg(fake_server.url)), jobs)
     assert all(c.error == "HTTP 400: context too long" for c in results.values())
+    assert all(c.error_kind == "bad_request" for c in results.values())
     assert fake_server.chat_count == 3
 
 
@@ -254,6 +257,7 @@ def test_unauthorized_stops_the_run(fake_server: FakeServer) -> None:
     results, stats = run(fast_teacher(teacher_cfg(fake_server.url, max_concurrency=2)), jobs)
     assert len(results) == 40 and stats.failed == 40
     assert all("HTTP 401" in (c.error or "") for c in results.values())
+    assert {c.error_kind for c in results.values()} == {"auth"}  # the rest: "not sent: HTTP 401"
     assert fake_server.chat_count <= 4  # only what was already in flight
 
 
@@ -287,6 +291,7 @@ def test_finish_reason_policies(fake_server: FakeServer, reason: str, policy_key
     assert all(c.error == f"dropped: finish_reason={reason}" if reason == "content_filter"
                else (c.error or "").startswith("dropped: finish_reason=length")
                for c in results.values())
+    assert all(c.error_kind == "dropped" for c in results.values())
     assert stats.failed == 4
 
     fake_server.reset()
@@ -416,7 +421,7 @@ def test_budget_stops_before_crossing(fake_server: FakeServer, concurrency: int)
     assert len(results) == 30 and stats.budget_stopped and teacher.budget_stopped
     assert len(sent) == fake_server.chat_count and 8 <= len(sent) <= 9
     assert all(c.error.startswith("budget: max_cost_usd 0.05 reached") and
-               c.error.endswith("not sent") for c in stopped)
+               c.error.endswith("not sent") and c.error_kind == "budget" for c in stopped)
     assert stats.cost_usd <= 0.05 + 1e-9 and teacher.budget.spent <= 0.05 + 1e-9
 
 
@@ -573,6 +578,43 @@ def test_cache_second_run_sends_nothing(fake_server: FakeServer, tmp_path: Path)
     assert {k: c.text for k, c in second.items()} == {k: c.text for k, c in first.items()}
 
 
+def test_cache_is_a_context_manager_that_closes(fake_server: FakeServer,
+                                                 tmp_path: Path) -> None:
+    jobs = make_jobs(2)
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:
+        run(fast_teacher(teacher_cfg(fake_server.url)), jobs, cache)
+        assert len(cache) == 2
+    with pytest.raises(sqlite3.ProgrammingError):  # closed when the block ended
+        len(cache)
+    with pytest.raises(RuntimeError), ResponseCache(tmp_path / "cache.sqlite") as cache:
+        raise RuntimeError("a stage failed")
+    with pytest.raises(sqlite3.ProgrammingError):  # closed on an error as well
+        len(cache)
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:
+        assert len(cache) == 2  # nothing lost
+
+
+def test_cached_errors_from_before_kinds_get_one() -> None:
+    old = Completion(text="cut", error="dropped: finish_reason=length").to_json()
+    del old["error_kind"]
+    assert Completion.from_json(old).error_kind == "dropped"
+    assert Completion.from_json(old | {"error": "HTTP 500: x"}).error_kind == "other"
+    assert Completion.from_json(Completion(text="ok").to_json()).error_kind is None
+
+
+def test_generate_batch_answers_in_batch_order(fake_server: FakeServer) -> None:
+    teacher = make_teacher(teacher_cfg(fake_server.url))
+    jobs = make_jobs(3, samples=2)
+    batch = [(jobs[2], 1), (jobs[0], 0), (jobs[2], 0), (jobs[1], 1)]
+    comps = teacher.generate_batch(batch)
+    assert [c.text for c in comps] == [
+        "echo: q2 [seed=11 choice=1]", "echo: q0 [seed=11 choice=0]",
+        "echo: q2 [seed=11 choice=0]", "echo: q1 [seed=12 choice=0]"]
+    assert fake_server.chat_count == 3  # one request per prompt: q2's samples share it
+    again = teacher.generate_batch(batch)  # a second event loop: the clients reopen
+    assert [c.text for c in again] == [c.text for c in comps] and fake_server.chat_count == 6
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
@@ -708,6 +750,7 @@ def test_dropped_responses_are_cached_and_not_paid_twice(fake_server: FakeServer
     cache.close()
     assert stats.sent == 0 and fake_server.chat_count == sent
     assert {k: c.error for k, c in again.items()} == {k: c.error for k, c in first.items()}
+    assert all(c.error_kind == "dropped" for c in again.values())
 
 
 # what a server ignores -----------------------------------------------------------------------
@@ -762,6 +805,7 @@ def test_missing_logprobs_stop_new_requests_when_required(fake_server: FakeServe
     assert all(c.top_logprobs is None for c in answered)
     stopped = [c.error for c in results.values() if c.error]
     assert stopped and all(e.startswith("not sent: teacher.top_logprobs") for e in stopped)
+    assert all(c.error_kind == "missing_logprobs" for c in results.values() if c.error)
     sent = fake_server.chat_count
     run(teacher, make_jobs(20, top_logprobs=5, prefix="r"))  # the same teacher, again
     assert 1 <= fake_server.chat_count - sent <= concurrency
@@ -889,12 +933,15 @@ def test_direct_and_sdk_clients_agree_on_every_fault(fake_server: FakeServer) ->
                           http_client=client, extra_body={"chat_template_kwargs": {"t": 1}})
         teacher = fast_teacher(cfg)
         results, stats = run(teacher, jobs)
-        outcomes[client] = ({k: (c.text, c.error) for k, c in results.items()},
+        outcomes[client] = ({k: (c.text, c.error, c.error_kind) for k, c in results.items()},
                             sorted(r.prompt for r in fake_server.chat_requests()),
                             fake_server.chat_requests()[-1].body["chat_template_kwargs"],
                             teacher.counters)
     assert outcomes["aiohttp"] == outcomes["httpx"] == outcomes["sdk"]
-    errors = {k: e for k, (_, e) in outcomes["aiohttp"][0].items() if e}
+    errors = {k: e for k, (_, e, _) in outcomes["aiohttp"][0].items() if e}
+    kinds = {k[0]: kind for k, (_, e, kind) in outcomes["aiohttp"][0].items() if e}
+    assert kinds == {"q0": "bad_request", "q1": "server", "q3": "malformed", "q5": "timeout",
+                     "q6": "connection"}
     assert errors[("q0", 0)] == "HTTP 400: bad request here"
     assert errors[("q1", 0)].startswith("HTTP 500: always broken (gave up after 3")
     assert errors[("q3", 0)].startswith("malformed response: not JSON")

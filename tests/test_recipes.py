@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fakeserver_fixture  # noqa: E402
 from fakeserver import FakeServer, Reply, Request, chat_body  # noqa: E402
 
+from distill.answers import gold_answer  # noqa: E402
 from distill.cli import app  # noqa: E402
 from distill.config import AdaptiveConfig, load_config  # noqa: E402
-from distill.filter.verify import gold_answer  # noqa: E402
 from distill.generate.adaptive import samples_to_draw  # noqa: E402
 from tests.tiny import CHAT_TEMPLATE, make_tokenizer  # noqa: E402
 

@@ -61,3 +61,23 @@ def test_a_bad_model_dir_fails_before_any_worker_starts(tmp_path: Path) -> None:
     cfg = TeacherConfig(backend="transformers", model=str(tmp_path), device="cpu", workers=2)
     with pytest.raises(ConfigError, match="no config.json"):
         _collect(cfg, _jobs()[:1])
+
+
+def test_generate_batch_keeps_the_order_across_sampling_params(tiny_teacher: Path) -> None:
+    """One `generate` per sampling parameters, the completions back in the batch's order."""
+    cfg = TeacherConfig(backend="transformers", model=str(tiny_teacher), device="cpu",
+                        dtype="float32")
+    hot = SamplingParams(temperature=0.7, max_tokens=12, seed=3, top_logprobs=2)
+    cold = SamplingParams(temperature=0.0, max_tokens=6, seed=3)
+    jobs = [Job(key=s["id"], params=hot if i % 2 else cold, samples=[0],
+                messages=[{"role": "user", "content": s["question"]}])
+            for i, s in enumerate(MICRO_SEEDS[:4])]
+    teacher = TransformersTeacher(cfg)
+    mixed = teacher.generate_batch([(j, 0) for j in jobs])
+    alone = {id(j): c for group in (jobs[0::2], jobs[1::2])
+             for j, c in zip(group, teacher.generate_batch([(j, 0) for j in group]), strict=True)}
+    assert [(c.text, c.token_ids) for c in mixed] == [
+        (alone[id(j)].text, alone[id(j)].token_ids) for j in jobs]
+    assert [c.top_logprobs is not None for c in mixed] == [False, True, False, True]
+    assert all(c.completion_tokens <= j.params.max_tokens for c, j in zip(mixed, jobs,
+                                                                          strict=True))

@@ -97,7 +97,8 @@ def test_base_student_saves_the_template_it_was_trained_on(real_base_model: Path
     logging_steps > max_steps."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from distill.train.kd import kd_examples, train_kd
+    from distill.train.kd import train_kd
+    from distill.train.kd_data import kd_examples
     from distill.train.sft import make_sft_trainer, train_sft
     from distill.train.student import build_student, load_tokenizer
 
@@ -132,7 +133,7 @@ def test_eos_closing_the_turn_is_trained_when_pad_is_eos(real_model: Path, tmp_p
                                                          ) -> None:
     """SmolLM2 pads with its EOS (<|im_end|>): a collator that masks pad ids would also mask the
     EOS that ends each answer, and the student would never learn to stop."""
-    from distill.train.kd import KDCollator, kd_examples
+    from distill.train.kd_data import KDCollator, kd_examples
     from distill.train.sft import make_sft_trainer
     from distill.train.student import build_student, load_tokenizer
 

@@ -139,6 +139,7 @@ def test_a_failing_prompt_does_not_sink_its_chunk(stub_vllm: types.ModuleType) -
     assert stats.failed == 2
     assert results[("too long", 0)].error == (
         "vllm: ValueError: prompt is longer than the maximum model length")
+    assert results[("too long", 0)].error_kind == "backend"
     assert results[("a", 1)].text == "answer a #1" and not results[("c", 0)].error
 
 
@@ -153,6 +154,7 @@ def test_on_length(stub_vllm: types.ModuleType, policy: str) -> None:
         assert a.finish_reason == "length" and not a.error
     elif policy == "drop":
         assert a.error == "dropped: finish_reason=length (max_tokens reached)"
+        assert a.error_kind == "dropped"
     else:
         assert a.finish_reason == "stop" and not a.error
         assert len(StubLLM.instances[0].calls) == 3  # a, b, then a again (resampled)
@@ -207,3 +209,10 @@ def test_real_vllm_engine() -> None:
         assert comp.text and comp.completion_tokens == len(comp.token_ids or [])
         assert comp.top_logprobs and all(len(step) == 3 for step in comp.top_logprobs)
         assert comp.finish_reason in ("stop", "length")
+
+
+def test_generate_batch_is_the_stream_in_batch_order(stub_vllm: types.ModuleType) -> None:
+    teacher = VLLMTeacher(vllm_cfg())
+    jobs = make_jobs(["a", "b"], samples=2)
+    comps = teacher.generate_batch([(jobs[1], 1), (jobs[0], 0), (jobs[1], 0)])
+    assert [c.text for c in comps] == ["answer b #1", "answer a #0", "answer b #0"]

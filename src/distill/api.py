@@ -23,10 +23,13 @@ from distill.config import (
     resolve_model_paths,
 )
 from distill.records import RunDir
+from distill.stages import NAMES, table
 
-# Stage → (directory, canonical jsonl) of what `dataset()` / `rows()` read.
-_OUTPUTS = {"generate": ("generate", "generations.jsonl"), "filter": ("filter", "filtered.jsonl"),
-            "sft": ("sft", "sft.jsonl")}
+
+def _row_files() -> dict[str, str]:
+    """Directory → its row file, of what `dataset()` / `rows()` read (`Stage.rows`: generate,
+    filter, and sft: the training set)."""
+    return {Path(path).parent.name: Path(path).name for s in table() for path in s.rows}
 
 
 class Pipeline:
@@ -51,9 +54,9 @@ class Pipeline:
     def run(self, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
         """Run `stages` (default: the config's), skipping finished, unchanged ones unless
         `force`; returns the manifest."""
-        from distill.pipeline import STAGES, run_pipeline
+        from distill.pipeline import run_pipeline
 
-        unknown = [s for s in stages or [] if s not in STAGES]
+        unknown = [s for s in stages or [] if s not in NAMES]
         if unknown:
             raise ConfigError(f"stages: unknown stage {unknown[0]!r}")
         return run_pipeline(self.config, self.run_dir, stages=stages, force=force,
@@ -87,11 +90,12 @@ class Pipeline:
         return self.run_dir.manifest()
 
     def _output(self, stage: str) -> tuple[Path, str]:
-        if stage not in _OUTPUTS:
+        outputs = _row_files()
+        if stage not in outputs:
             raise ConfigError(f"stage {stage!r}: has no rows to read (one of "
-                              f"{', '.join(_OUTPUTS)})")
-        directory, name = _OUTPUTS[stage]
-        path = self.run_dir.stage(directory)
+                              f"{', '.join(outputs)})")
+        name = outputs[stage]
+        path = self.run_dir.stage(stage)
         if not path.is_dir():
             raise ConfigError(f"{path}: not found (run the {stage} stage first)")
         return path, name

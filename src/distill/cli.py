@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import ConfigError, PipelineConfig
-from distill.pipeline import STAGES
 from distill.records import RunDir
+from distill.stages import NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill a teacher LLM's reasoning into a small edge student.")
@@ -149,7 +149,7 @@ def _stage_command(stage: str) -> None:
     app.command(name=stage)(command)
 
 
-for _stage in STAGES:
+for _stage in NAMES:  # one command per stage of the table, in order
     _stage_command(_stage)
 
 

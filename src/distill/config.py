@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from distill.stages import StageName, entry
+
 
 class ConfigError(ValueError):
     """Bad user input (config, data, template). The CLI prints it as one line and exits 2."""
@@ -440,6 +442,16 @@ class KDConfig(Strict):
     embeddings, -1 the last layer); each pair gets a learned linear projection student -> teacher.
     Empty with hidden_weight > 0: the last layers, [(-1, -1)]."""
     hidden_loss: Literal["mse", "cosine"] = "mse"
+    cross_tokenizer: Literal["auto", "align", "uld"] = "auto"
+    """Teacher and student with different tokenizers (`distill.train.xtok`). "align": cut both
+    token sequences at common character (byte) boundaries and project the teacher's top-k mass
+    onto the student tokens covering the same text (ULD where a position gets no target).
+    "uld": universal logit distillation only (sorted-probability L1 per aligned position; no
+    shared tokens needed, weaker signal). "auto": the exact same-vocabulary KD when the
+    vocabularies agree, else "align". The mode that ran and the share of the teacher's mass
+    that mapped are in the train info (`cross_tokenizer`, `xtok`)."""
+    uld_weight: float = Field(1.0, ge=0)
+    """Weight of the ULD term inside the soft part: (1 - alpha) * uld_weight * ULD."""
 
 
 class DevEvalConfig(Strict):
@@ -579,9 +591,7 @@ class ExportConfig(Strict):
     """Edge export (`distill.export`): each format is written to `export/<format>/`, loaded back in
     its own runtime and measured (bytes, held-out accuracy, CPU latency, peak memory)."""
 
-    formats: list[Literal["merged", "int8", "int4", "onnx", "gguf"]] = Field(
-        default_factory=lambda: ["merged"]
-    )
+    formats: list[Literal["merged", "int8", "int4", "onnx", "gguf"]] = ["merged"]  # copied
     """merged: LoRA merged, safetensors + tokenizer (plain transformers). int8: weight-only int8
     with an fp16 scale per 32 values (tied embedding stored once), dequantized to fp32 at load
     (PyTorch dynamic int8 Linear kept 0.48 top-1 agreement on SmolLM2-135M; this keeps 0.986).
@@ -636,6 +646,71 @@ class ExportConfig(Strict):
     directory (an API teacher); its fp32 bytes are taken as 4 × params."""
 
 
+class RayVLLMConfig(Strict):
+    """`teacher.backend: vllm` with `executor.kind: ray`: a Ray Data LLM processor (vLLM engine
+    actors) instead of one in-process engine. Each replica holds `teacher.tensor_parallel_size`
+    GPUs; `teacher.gpu_memory_utilization`, `dtype` and `trust_remote_code` go to every engine."""
+
+    replicas: int = Field(1, ge=1)
+    """vLLM engine actors (data parallel): Ray Data feeds them batches from one dataset."""
+    batch_size: int = Field(64, ge=1)
+    """Requests per batch sent to an engine (smaller: less lost when an actor dies)."""
+    max_concurrent_batches: int | None = Field(None, ge=1)
+    """Batches in flight per engine actor (None: Ray Data's default)."""
+    accelerator_type: str | None = None
+    """Ray accelerator type every engine actor needs ("H100", "A100", ...)."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra vLLM engine arguments (max_model_len, enable_prefix_caching, ...)."""
+
+
+class ExecutorConfig(Strict):
+    """Where the teacher calls, evaluation and near-dedup run (`distill.executor`).
+
+    local (default): this process, no Ray needed. ray: a Ray cluster (`pip install -e
+    '.[ray]'`): generate and evaluate split their seeds / held-out items into `shards` Ray tasks
+    (each shard keeps its own rows and cache under the run directory, so the run directory must
+    be on a filesystem every node sees), near-dedup runs on Ray Data, and `teacher.backend:
+    vllm` runs on a vLLM fleet through Ray Data LLM (`executor.vllm`)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    """None: start a Ray instance in this process; "auto": join the cluster running on this
+    machine (`ray start --head`); "ray://HOST:PORT": Ray Client; "HOST:PORT": a cluster's GCS."""
+    shards: int = Field(16, ge=1)
+    """Generate / evaluate shards (by seed / item index, contiguous). A rerun skips finished
+    shards; changing `shards` regroups the seeds, so finished shards are not reused."""
+    parallel: int | None = Field(None, ge=1)
+    """Shard tasks running at once (None: as many as the cluster's CPUs / GPUs hold when the
+    stage starts; set it on an autoscaling cluster). The teacher's requests_per_minute /
+    tokens_per_minute are divided by it, and teacher.max_cost_usd by `shards`, so the whole run
+    stays within them."""
+    max_retries: int = Field(3, ge=0)
+    """Ray retries of a shard task whose worker died (node lost, OOM kill, SIGKILL)."""
+    cpus_per_shard: float = Field(1.0, gt=0)
+    gpus_per_shard: float = Field(0.0, ge=0)
+    """Resources each shard task asks Ray for (a transformers teacher on GPU: 1)."""
+    local_cpus: int | None = Field(None, ge=1)
+    """CPUs of the Ray instance started when `address` is None (None: all of this machine's)."""
+    runtime_env: dict[str, Any] | None = None
+    """Ray runtime_env for the job (env_vars, working_dir, pip ...)."""
+    dedup_min_rows: int = Field(50_000, ge=0)
+    """Near-dedup uses Ray Data from this many rows on (fewer: the local numpy path, which gives
+    the same clusters faster than a Ray Data job can start)."""
+    dedup_blocks: int | None = Field(None, ge=1)
+    """Ray Data blocks (and shuffle partitions) for near-dedup (None: 2 per cluster CPU)."""
+    vllm: RayVLLMConfig = Field(default_factory=RayVLLMConfig)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto" or value.startswith("ray://"):
+            return value
+        host, _, port = value.rpartition(":")
+        if host and port.isdigit():
+            return value
+        raise ValueError("expected null, auto, ray://HOST:PORT or HOST:PORT")
+
+
 class PipelineConfig(Strict):
     name: str
     seed: int = 0
@@ -646,9 +721,8 @@ class PipelineConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig | None = None
     export: ExportConfig | None = None
-    stages: list[Literal["generate", "filter", "train", "evaluate", "export"]] = Field(
-        default_factory=lambda: ["generate", "filter", "train", "evaluate"]
-    )
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    stages: list[StageName] = ["generate", "filter", "train", "evaluate"]  # copied per model
     root: str = "."
     """Directory that relative paths resolve against (default: the pipeline file's project)."""
 
@@ -748,35 +822,9 @@ def resolve_model_paths(cfg: PipelineConfig) -> None:
 
 
 def stage_files(stage: str, cfg: PipelineConfig) -> list[tuple[str, str]]:
-    """(field, path) of every file `stage` reads that the user names in the pipeline file."""
-    g, f, e = cfg.generate, cfg.filter, cfg.evaluate
-    files: list[tuple[str, str | None]] = []
-    if stage == "generate":
-        files += [("seeds.path", cfg.seeds.path), ("generate.source", g.source)]
-        if not g.source:
-            files.append(("generate.prompt", g.prompt))
-        if g.task == "instruct" and not g.source:
-            si = g.self_instruct or SelfInstructConfig()
-            files += [("generate.self_instruct.seed_tasks", si.seed_tasks),
-                      ("generate.self_instruct.prompt", si.prompt),
-                      ("generate.self_instruct.answer_prompt", si.answer_prompt)]
-            if si.evolve_rounds:
-                files.append(("generate.self_instruct.evolve_prompt", si.evolve_prompt))
-    elif stage == "filter":
-        if f.judge is not None:
-            files.append(("filter.judge.prompt", f.judge.prompt))
-        if f.decontaminate is not None:
-            files += [(f"filter.decontaminate.against.{i}", p)
-                      for i, p in enumerate(f.decontaminate.against)]
-    elif stage == "train":
-        if cfg.train.dev is not None:
-            files.append(("train.dev.dataset", cfg.train.dev.dataset))
-    elif stage in ("evaluate", "export"):
-        # Both put held-out questions to models through the generation prompt.
-        files += [("generate.prompt", g.prompt), ("evaluate.dataset", e.dataset if e else None)]
-    else:
-        raise ValueError(stage)
-    return [(field, path) for field, path in files if path]
+    """(field, path) of every file `stage` reads that the user names in the pipeline file (each
+    stage lists its own: `Stage.inputs` in `distill.stages`); unset ones left out."""
+    return [(field, path) for field, path in entry(stage).inputs(cfg) if path]
 
 
 def check_files(cfg: PipelineConfig, stages: Iterable[str], where: str) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset, load_from_disk
+from typing import TYPE_CHECKING, Any
 
 from distill.config import ConfigError
 from distill.records import atomic_path, dumps, loads, read_jsonl, write_jsonl
+
+if TYPE_CHECKING:  # `datasets` costs ~0.7 s to import: loaded where a dataset is made or read
+    from datasets import Dataset
 
 # Columns whose shape varies row to row (Arrow wants one type per column): stored as JSON text in
 # the dataset, as real JSON in the jsonl.
@@ -24,6 +25,8 @@ def to_dataset(rows: list[dict[str, Any]]) -> Dataset:
             if c in r and not isinstance(r[c], str):
                 r[c] = dumps(r[c])
         enc.append(r)
+    from datasets import Dataset
+
     return Dataset.from_list(enc)
 
 
@@ -60,4 +63,6 @@ def read_stage_rows(stage_dir: Path, jsonl_name: str) -> list[dict[str, Any]]:
     """The jsonl is the canonical, human-editable copy; the dataset is the fast one."""
     if (stage_dir / jsonl_name).exists():
         return read_jsonl(stage_dir / jsonl_name)
+    from datasets import load_from_disk
+
     return from_dataset(load_from_disk(str(stage_dir / "dataset")))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +12,17 @@ from rich.console import Console
 
 from distill.config import ConfigError, PipelineConfig, stage_files
 from distill.records import RunDir, atomic_path, file_fingerprint, fingerprint, now, write_json
+from distill.stages import entry
 
-STAGES = ("generate", "filter", "train", "evaluate", "export")
-
-# Config sections each stage's output depends on (the rest — concurrency, rate limits, budgets —
-# changes how fast we get there, not what we get).
+# The teacher settings that change how fast the outputs come, not what they are: left out of the
+# fingerprints (a `teacher` section in `Stage.sections` is the teacher's identity).
 _TEACHER_RUNTIME_KEYS = {"max_concurrency", "requests_per_minute", "tokens_per_minute",
                          "timeout_s", "max_retries", "max_cost_usd", "batch_size", "device",
                          "base_url", "api_key_env"}
+
+# These two hash what they read from earlier stages before their files, the rest after: the
+# order the fingerprints had before the stage table, kept so that finished runs stay finished.
+_READS_BEFORE_FILES = frozenset({"filter", "train"})
 
 console = Console(stderr=True)
 
@@ -47,36 +48,38 @@ def _file_fp(path: Path) -> str:
     return file_fingerprint(path) if path.exists() else "missing"
 
 
+def _config_part(cfg: PipelineConfig, data: dict[str, Any], key: str) -> Any:
+    """The value of a section or dotted key of the config (see `Stage.sections`)."""
+    if key == "teacher":
+        return _teacher_identity(cfg)
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _read_part(run: RunDir, path: str) -> Any:
+    """The signature of an earlier stage's output (see `Stage.reads`)."""
+    if not path.endswith("/"):
+        return _file_fp(run.root / path)
+    name = path.rstrip("/")
+    if any(c in name for c in "*?["):
+        return [_dir_signature(p) for p in sorted(run.root.glob(name))]
+    return _dir_signature(run.root / name)
+
+
 def input_fingerprint(stage: str, cfg: PipelineConfig, run: RunDir) -> str:
-    """What a stage's output depends on: its config, the contents of the files it reads
-    (`stage_files`, the list the up-front checks use too) and the previous stage's output."""
-    d = cfg.model_dump(mode="json")
+    """What a stage's output depends on (its `Stage` entry): the config it names, the contents
+    of the files it reads (`stage_files`, the list the up-front checks use too) and what it
+    reads of the earlier stages' output."""
+    s = entry(stage)
+    data = cfg.model_dump(mode="json")
+    config = [_config_part(cfg, data, key) for key in s.sections]
     files = [_file_fp(cfg.resolve(path)) for _, path in stage_files(stage, cfg)]
-    if stage == "generate":
-        return fingerprint(stage, d["seeds"], d["generate"], _teacher_identity(cfg), d["seed"],
-                           files)
-    if stage == "filter":
-        return fingerprint(stage, d["filter"], _file_fp(run.stage("generate") /
-                                                        "generations.jsonl"), files)
-    if stage == "train":
-        return fingerprint(stage, d["train"], d["seed"], _file_fp(run.stage("sft") / "sft.jsonl"),
-                           files)
-    if stage == "evaluate":
-        return fingerprint(stage, d["evaluate"], _teacher_identity(cfg), d["train"],
-                           d["generate"]["prompt"], files,
-                           [_dir_signature(p) for p in sorted(run.root.glob("student*"))])
-    if stage == "export":
-        return fingerprint(stage, d["export"], d["evaluate"], files,
-                           _dir_signature(run.stage("student")),
-                           _file_fp(run.stage("sft") / "sft.jsonl"))  # pruning recovers on sft/
-    raise ValueError(stage)
-
-
-def stage_function(stage: str) -> Callable[[PipelineConfig, RunDir], dict[str, Any]]:
-    module = {"generate": "distill.generate.stage", "filter": "distill.filter.run",
-              "train": "distill.train.stage", "evaluate": "distill.evaluate.stage",
-              "export": "distill.export.stage"}[stage]
-    return importlib.import_module(module).run  # type: ignore[no-any-return]
+    reads = [_read_part(run, path) for path in s.reads]
+    if stage in _READS_BEFORE_FILES:
+        return fingerprint(stage, *config, *reads, files)
+    return fingerprint(stage, *config, files, *reads)
 
 
 def write_resolved_config(cfg: PipelineConfig, run: RunDir) -> None:
@@ -89,20 +92,18 @@ def write_resolved_config(cfg: PipelineConfig, run: RunDir) -> None:
 def run_stage(stage: str, cfg: PipelineConfig, run: RunDir, *, force: bool = False
               ) -> dict[str, Any]:
     fp = input_fingerprint(stage, cfg, run)
-    entry = run.manifest()["stages"].get(stage, {})
-    if not force and entry.get("status") == "done" and entry.get("input_fingerprint") == fp:
+    record = run.manifest()["stages"].get(stage, {})
+    if not force and record.get("status") == "done" and record.get("input_fingerprint") == fp:
         console.print(f"[dim]{stage}: up to date, skipped[/dim]")
-        return entry
-    if stage == "evaluate" and cfg.evaluate is None:
-        raise ConfigError("evaluate: section missing from the pipeline file")
-    if stage == "export" and cfg.export is None:
-        raise ConfigError("export: section missing from the pipeline file")
+        return record
+    if getattr(cfg, stage, "") is None:  # an optional section (evaluate:, export:) left out
+        raise ConfigError(f"{stage}: section missing from the pipeline file")
     console.print(f"[bold cyan]▶ {stage}[/bold cyan]")
     run.update_manifest(stage, fresh=True, status="running", started=now(),
                         input_fingerprint=fp, finished=None, error=None)
     t0 = time.perf_counter()
     try:
-        result = stage_function(stage)(cfg, run)
+        result = entry(stage).run(cfg, run)
     except ConfigError:
         run.update_manifest(stage, status="failed", error="bad input")
         raise
@@ -121,8 +122,8 @@ def pending_stages(cfg: PipelineConfig, run: RunDir, stages: list[str], force: b
         return list(stages)
     done = run.manifest()["stages"]
     for i, stage in enumerate(stages):
-        entry = done.get(stage, {})
-        if entry.get("status") != "done" or entry.get("input_fingerprint") != \
+        record = done.get(stage, {})
+        if record.get("status") != "done" or record.get("input_fingerprint") != \
                 input_fingerprint(stage, cfg, run):
             return list(stages[i:])
     return []

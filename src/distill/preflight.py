@@ -2,8 +2,9 @@
 
 Every problem found here is a `ConfigError` (exit 2, one line naming the file and field) raised
 before the run directory is touched and before any request is sent. What each stage reads from
-disk is listed once, in `stage_files`; the same list feeds these checks and the stage
-fingerprints (`distill.pipeline.input_fingerprint`), so editing a file a stage reads reruns it.
+disk, which teachers it calls and which models it loads is said once, in its entry of the
+stage table (`distill.stages`); the files a stage reads feed these checks and its fingerprint
+(`distill.pipeline.input_fingerprint`) alike, so editing a file a stage reads reruns it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 from distill.config import ConfigError, PipelineConfig, TeacherConfig, check_files
+from distill.stages import in_order
 
 
 def check_sections(cfg: PipelineConfig, stages: list[str], where: str) -> None:
@@ -24,24 +26,16 @@ def check_sections(cfg: PipelineConfig, stages: list[str], where: str) -> None:
     if "train" in stages and not (cfg.train.student or cfg.train.student_config):
         raise ConfigError(f"{where}: train.student: empty; set a model directory or hub id, or "
                           "train.student_config")
-    for stage in ("evaluate", "export"):
-        if stage in stages and getattr(cfg, stage) is None:
-            raise ConfigError(f"{where}: {stage}: section missing (stage '{stage}' is listed "
-                              "in `stages:`)")
+    for stage in in_order(stages):
+        if getattr(cfg, stage.name, "") is None:  # an optional section (evaluate:, export:)
+            raise ConfigError(f"{where}: {stage.name}: section missing (stage '{stage.name}' "
+                              "is listed in `stages:`)")
 
 
 def teacher_calls(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, TeacherConfig]]:
-    """The teachers the given stages will call: (field prefix, config)."""
-    out: list[tuple[str, TeacherConfig]] = []
-    if "generate" in stages and not cfg.generate.source:
-        out.append(("teacher", cfg.teacher))
-    if "filter" in stages and cfg.filter.judge is not None:
-        judge = cfg.filter.judge.teacher
-        out.append(("filter.judge.teacher", judge) if judge is not None
-                   else ("teacher", cfg.teacher))
-    if "evaluate" in stages and cfg.evaluate is not None and cfg.evaluate.evaluate_teacher:
-        out.append(("teacher", cfg.teacher))
-    return out
+    """The teachers the given stages will call: (field prefix, config), each field once."""
+    calls = {field: t for s in in_order(stages) for field, t in s.teachers(cfg)}
+    return list(calls.items())
 
 
 def check_api_key(field: str, t: TeacherConfig) -> None:
@@ -88,13 +82,14 @@ def check_model(field: str, name: str, kind: str = "model") -> None:
 
 
 def check_models(cfg: PipelineConfig, stages: list[str]) -> None:
+    """The local teachers' models, then the models the stages load (each field once)."""
     for field, t in teacher_calls(cfg, stages):
         if t.backend in ("transformers", "vllm"):
             check_model(f"{field}.model", t.model)
-    if any(s in stages for s in ("train", "evaluate")) and cfg.train.student:
-        check_model("train.student", cfg.train.student)
-    if "train" in stages and cfg.train.tokenizer:
-        check_model("train.tokenizer", cfg.train.tokenizer, "tokenizer")
+    models = {field: (name, kind) for s in in_order(stages) for field, name, kind in s.models(cfg)}
+    for field, (name, kind) in models.items():
+        if name:
+            check_model(field, name, kind)
 
 
 def preflight(cfg: PipelineConfig, stages: list[str], where: str = "pipeline") -> None:
@@ -105,6 +100,10 @@ def preflight(cfg: PipelineConfig, stages: list[str], where: str = "pipeline") -
         from distill.evaluate.harness import check_available
 
         check_available()  # lm-eval missing: said now, not after generate and train
+    if cfg.executor.kind == "ray":  # Ray missing, or work a shard cannot do: said now
+        from distill.executor import check_executor
+
+        check_executor(cfg, stages)
     for field, t in teacher_calls(cfg, stages):
         check_api_key(field, t)
     check_models(cfg, stages)

@@ -1,4 +1,10 @@
-"""Row schemas and the run-directory layout (DESIGN.md "Contracts"). Extend fields, never rename."""
+"""Row schemas and the run-directory layout (DESIGN.md "Contracts"). Extend fields, never rename.
+
+A generation row is built in one place, `make_generation_row`, to the `GenerationRow` schema: the
+chain-of-thought, adaptive and instruct generators and imported generation files all fill the
+same fields the same way (a failed sample has no response; soft targets travel with every row
+whose completion has them).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +13,127 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import orjson
+
+if TYPE_CHECKING:
+    from distill.teachers.base import Completion, TopLogprobs
 
 SEED_FIELDS = ("id", "question", "answer", "source")
 
 GENERATION_FIELDS = (
     "id", "seed_id", "sample", "question", "gold", "messages", "response", "reasoning",
     "rationale", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd",
-    "latency_s", "teacher", "teacher_served", "error",
+    "latency_s", "teacher", "teacher_served", "error", "error_kind",
 )
+"""Every generation row has these columns, in this order (a dataset takes its columns from the
+first row): the required keys of `GenerationRow`."""
 
 FILTERED_EXTRA_FIELDS = ("keep", "drop_reason", "scores", "cluster_id")
+
+
+class _GenerationColumns(TypedDict):
+    """The columns every generation row has (`GENERATION_FIELDS`)."""
+
+    id: str
+    """`{seed_id}#{sample}` unless an imported file names it."""
+    seed_id: str
+    sample: int
+    question: str
+    gold: str | None
+    messages: list[dict[str, str]]
+    """What the student is prompted with (system prompt and user turn)."""
+    response: str | None
+    """The teacher's text; None when the sample failed."""
+    reasoning: str | None
+    rationale: str | None
+    answer: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_s: float
+    teacher: str
+    """`backend:model` as configured (`file:NAME` for imported rows)."""
+    teacher_served: str | None
+    """The model the server says answered, when it says."""
+    error: str | None
+    error_kind: str | None
+    """`teachers.base.ErrorKind` of `error`."""
+
+
+class GenerationRow(_GenerationColumns, total=False):
+    """One teacher sample (or one imported row) of the generate stage: the columns, and what
+    some generators add. (Two classes rather than `NotRequired`: with postponed annotations
+    Python 3.11 cannot tell the optional keys apart at run time.)"""
+
+    top_logprobs: TopLogprobs
+    """Soft targets (`teacher.top_logprobs`), when the teacher returned them."""
+    token_ids: list[int] | None
+    extra: dict[str, Any]
+    """Structured responses: {"parsed": the validated JSON value}."""
+    adaptive_round: int
+    """Adaptive sampling: the round that drew the sample, and how many the seed got."""
+    seed_samples: int
+    teacher_prompt: str
+    """Instruct: the prompt the teacher answered, and where the instruction came from."""
+    proposal_round: int
+    evolve_round: int
+    evolve_method: str | None
+    parent_instruction: str | None
 
 
 def empty_generation() -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(GENERATION_FIELDS)
     row.update(prompt_tokens=0, completion_tokens=0, cost_usd=0.0, latency_s=0.0, messages=[])
     return row
+
+
+def make_generation_row(*, seed_id: str, sample: int, question: str, gold: str | None,
+                        messages: list[dict[str, str]], teacher: str,
+                        completion: Completion | None = None,
+                        parsed: Mapping[str, str | None] | None = None,
+                        price_in: float = 0.0, price_out: float = 0.0,
+                        row_id: str | None = None, **fields: Any) -> GenerationRow:
+    """The generation row of one sample: every generator builds its rows here.
+
+    `completion`: the teacher's answer; it fills response, finish_reason, tokens, cost (at
+    `price_in` / `price_out` per million tokens), latency, error and its kind, the served model,
+    and the soft targets (`top_logprobs`, `token_ids`) when it carries them. A failed sample
+    keeps no response and no `parsed` fields. `parsed`: reasoning / rationale / answer read
+    from the response. `fields`: anything else the row carries (they override the above);
+    without a completion they are the row's own values (an imported file's).
+    """
+    row = empty_generation()
+    if completion is not None:
+        from distill.teachers.base import completion_cost
+
+        failed = bool(completion.error)
+        row.update(response=None if failed else completion.text,
+                   finish_reason=completion.finish_reason,
+                   prompt_tokens=completion.prompt_tokens,
+                   completion_tokens=completion.completion_tokens,
+                   cost_usd=completion_cost(completion, price_in, price_out),
+                   latency_s=round(completion.latency_s, 4),
+                   teacher_served=completion.extra.get("served_model"),
+                   error=completion.error, error_kind=completion.error_kind)
+        if completion.top_logprobs is not None:
+            row.update(top_logprobs=completion.top_logprobs, token_ids=completion.token_ids)
+        if failed:
+            parsed = None
+    if parsed is not None:
+        row.update(reasoning=parsed.get("reasoning"), rationale=parsed.get("rationale"),
+                   answer=parsed.get("answer"))
+    row.update(fields)
+    row.update(id=row_id or f"{seed_id}#{sample}", seed_id=seed_id, sample=sample,
+               question=question, gold=gold, messages=messages, teacher=teacher)
+    return cast(GenerationRow, row)
 
 
 def now() -> str:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from distill.answers import gold_answer, numeric_value, text_key
+
 
 def accuracy(correct: Sequence[bool]) -> float:
     return sum(correct) / len(correct) if correct else 0.0
@@ -58,8 +60,6 @@ def mean_pass_at_k(correct_per_item: Sequence[Sequence[bool]], k: int) -> float:
 def answer_key(pred: str | None) -> str | None:
     """What makes two predictions the same vote: the exact value of a number ("18", "18.0" and
     "$18" agree; a percentage stays apart), else the casefolded text. None: no answer."""
-    from distill.filter.verify import gold_answer, numeric_value, text_key
-
     clean = gold_answer(pred) if pred is not None else None
     if not clean:
         return None

@@ -130,6 +130,16 @@ def learning_section(train: dict[str, Any], run: RunDir) -> list[str]:
     return [*lines, ""]
 
 
+def cross_tokenizer_section(train: dict[str, Any]) -> list[str]:
+    """Students distilled across tokenizers: the mode that ran and the teacher mass mapped."""
+    from distill.train.xtok import xtok_summary_line
+
+    lab = labels(train.get("method"))
+    got = [f"- {lab.get(n, n)}: {line[2:].strip()}"
+           for n, s in (train.get("students") or {}).items() if (line := xtok_summary_line(s))]
+    return ["## Soft targets across tokenizers", "", *got, ""] if got else []
+
+
 def write_report(run: RunDir) -> Path:
     manifest = run.manifest()
     stages = manifest.get("stages", {})
@@ -185,6 +195,7 @@ def write_report(run: RunDir) -> Path:
         lines += evaluation_sections(metrics, lab)
 
     lines += learning_section(stages.get("train") or {}, run)
+    lines += cross_tokenizer_section(stages.get("train") or {})
 
     export = _load(run.stage("export") / "export.json")
     lines += compression_section(run.root)  # teacher -> student -> artifacts; [] without export

@@ -8,12 +8,13 @@ adds paired comparisons, per-template / per-difficulty accuracy and lm-evaluatio
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distill.answers import parse_response, score
 from distill.config import ConfigError, PipelineConfig, TeacherConfig
 from distill.evaluate.breakdown import item_groups
 from distill.evaluate.compare import comparison_metrics
@@ -25,38 +26,22 @@ from distill.evaluate.metrics import (
     majority_vote,
     mean_pass_at_k,
 )
-from distill.filter.verify import answers_match
-from distill.generate.parse import parse_response
+from distill.export.files import dir_params
 from distill.generate.templates import chat_messages
 from distill.records import RunDir, write_json, write_jsonl
 from distill.seeds import load_eval_set
+from distill.stages import Stage
 from distill.teachers import make_teacher
 from distill.teachers.base import Job, SamplingParams
 from distill.teachers.cache import ResponseCache
 from distill.teachers.engine import run_jobs
-from distill.teachers.transformers_backend import load_causal_lm
+from distill.teachers.transformers_backend import TransformersTeacher, load_causal_lm
 
 
 def dir_bytes(path: Path) -> int:
     """Bytes of the model's weight files: the directory's own safetensors, not an `adapter/`
     kept beside a merged student (that counted the LoRA weights twice: 557.7 vs 538.1 MB)."""
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else 0
-
-
-def dir_params(path: Path) -> int | None:
-    """Parameters in a model directory, read from the safetensors headers (no weights loaded;
-    tied embeddings are stored once, as `count_params` counts them)."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not files:
-        return None
-    total = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            total += sum(math.prod(fh.get_slice(k).get_shape())
-                         for k in fh.keys())  # noqa: SIM118 - safe_open has no __iter__
-    return total
 
 
 SAMPLED = "#sampled"
@@ -106,9 +91,10 @@ def prediction_row(name: str, it: dict[str, Any], mode: str, s: int, comp: Any,
                    groups: dict[str, Any]) -> dict[str, Any]:
     """One line of predictions.jsonl: an answer, its parse and its grade."""
     pred = parse_response(comp.text, comp.reasoning)["answer"] if not comp.error else None
+    correct = not comp.error and score(comp.text, it["answer"], reasoning=comp.reasoning)
     return {"model": name, "id": it["id"], "mode": mode, "sample": s,
             "question": it["question"], "gold": it["answer"], "response": comp.text,
-            "prediction": pred, "correct": answers_match(pred, it["answer"]),
+            "prediction": pred, "correct": correct,
             "completion_tokens": comp.completion_tokens, "latency_s": round(comp.latency_s, 5),
             "error": comp.error} | groups
 
@@ -138,6 +124,16 @@ def maj_accuracy(rows: list[list[dict[str, Any]]], k: int) -> float:
         i = majority_vote([p["prediction"] for p in r[:k]])
         hits += i is not None and bool(r[i]["correct"])
     return hits / len(rows)
+
+
+def on_executor(cfg: PipelineConfig, teacher: Any) -> Any:
+    """The model as the stage runs it: itself, or (`executor.kind: ray`) its held-out items in
+    shards on a Ray cluster (`distill.executor.ray_evaluate`)."""
+    if cfg.executor.kind != "ray":
+        return teacher
+    from distill.executor.ray_evaluate import on_ray
+
+    return on_ray(cfg, teacher, lambda key: key.removesuffix(SAMPLED))
 
 
 def score_model(name: str, teacher: Any, cfg: PipelineConfig, items: list[dict[str, Any]],
@@ -196,7 +192,8 @@ class Evaluation:
 
     def score(self, name: str, teacher: Any, cache: ResponseCache | None = None, **extra: Any
               ) -> None:
-        summary, preds = score_model(name, teacher, self.cfg, self.items, cache, self.groups)
+        summary, preds = score_model(name, on_executor(self.cfg, teacher), self.cfg,
+                                     self.items, cache, self.groups)
         self.models[name] = summary | extra
         self.preds.extend(preds)
 
@@ -234,15 +231,13 @@ def eval_teacher(ev: Evaluation, run_dir: RunDir) -> None:
     from distill.train.student import count_params
 
     cfg = ev.cfg
-    cache = ResponseCache(run_dir.cache)
     teacher_cfg = cfg.teacher.model_copy(update={"batch_size": ev.e.batch_size})
     teacher = make_teacher(teacher_cfg)
     params, nbytes = None, None
-    try:
-        summary, preds = score_model("teacher", teacher, cfg, ev.items, cache, ev.groups)
-    finally:
-        cache.close()
-    if cfg.teacher.backend == "transformers":
+    with ResponseCache(run_dir.cache) as cache:
+        summary, preds = score_model("teacher", on_executor(cfg, teacher), cfg, ev.items,
+                                     cache, ev.groups)
+    if isinstance(teacher, TransformersTeacher):
         # Every answer may have come from the cache, with the model never loaded.
         params = (count_params(teacher.model) if teacher.model is not None
                   else dir_params(cfg.resolve(cfg.teacher.model)))
@@ -279,7 +274,7 @@ def eval_trained(ev: Evaluation, run_dir: RunDir, train_entry: dict[str, Any]) -
         t = local(mdir, ev.e.batch_size)
         ev.score(name, t, params=info.get("params"), bytes=dir_bytes(mdir),
                  train_s=info.get("train_s"), steps=info.get("steps"))
-        ev.run_harness(name, lambda t=t: loaded(t, t.cfg, ev.cfg))
+        ev.run_harness(name, functools.partial(loaded, t, t.cfg, ev.cfg))
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
@@ -317,3 +312,18 @@ def flat_metrics(models: dict[str, dict[str, Any]], n_eval: int) -> dict[str, An
                                           - models["label_only"]["accuracy"], 4)
     m["models"] = models
     return m
+
+
+def held_out_inputs(cfg: PipelineConfig) -> list[tuple[str, str | None]]:
+    """Evaluate and export both put the held-out questions to models through the generation
+    prompt."""
+    return [("generate.prompt", cfg.generate.prompt),
+            ("evaluate.dataset", cfg.evaluate.dataset if cfg.evaluate else None)]
+
+
+STAGE = Stage(
+    name="evaluate", run=run, sections=("evaluate", "teacher", "train", "generate.prompt"),
+    inputs=held_out_inputs, reads=("student*/",),
+    teachers=lambda cfg: [("teacher", cfg.teacher)]
+    if cfg.evaluate is not None and cfg.evaluate.evaluate_teacher else [],
+    models=lambda cfg: [("train.student", cfg.train.student, "model")])

@@ -15,15 +15,15 @@ from typing import Any
 import yaml
 
 from distill.config import ConfigError
-from distill.export.runtime import FORMATS, Runner, load_runner
+from distill.export.formats import get_format, load_runner
+from distill.export.runtime import Runner
 
 
 def artifact_path(run_dir: Path, fmt: str) -> Path:
     """Where RUN_DIR's `fmt` artifact lives (export.json's record, else export/<fmt>)."""
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: run directory not found")
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt}: unknown format (expected one of {', '.join(FORMATS)})")
+    get_format(fmt)  # an unknown name is a ConfigError naming the known ones
     export_json = run_dir / "export" / "export.json"
     if export_json.is_file():
         try:

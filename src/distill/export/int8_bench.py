@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from distill.export.runtime import Runner, weight_bytes
+from distill.export.files import weight_bytes
+from distill.export.runtime import Runner
 
 PROMPTS = (
     "Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes muffins with "

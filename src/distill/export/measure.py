@@ -267,6 +267,7 @@ def fidelity_sequences(ref: Runner, model: Any, cfg: PipelineConfig,
     continuation of at most `export.fidelity_tokens` tokens (default 48, capped by the answer
     length) — the same token ids are fed to every format."""
     e = cfg.export
+    assert e is not None
     n = e.fidelity_prompts
     tokens = min(e.fidelity_tokens, max_new_tokens(cfg))
     questions = [it["question"] for it in items[:n]] or ["What is 2 + 3?"]

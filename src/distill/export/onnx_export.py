@@ -26,14 +26,9 @@ from typing import Any
 import numpy as np
 
 from distill.config import ConfigError
+from distill.export.files import ONNX_FILE
 from distill.export.merge import copy_side_files
-from distill.export.runtime import (
-    MODEL_FILES,
-    Runner,
-    load_tokenizer_dir,
-    read_model_config,
-    stop_ids,
-)
+from distill.export.runtime import Runner, load_tokenizer_dir, read_model_config, stop_ids
 
 
 def _kv_shape(config: Any) -> tuple[int, int]:
@@ -104,7 +99,7 @@ def export_onnx(model: Any, src_dir: Path, out_dir: Path, opset: int = 21) -> di
     dynamic |= {n: {0: "batch", 2: "past_sequence"} for n in inputs[3:]}
     dynamic |= {n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]}
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / MODEL_FILES["onnx"]
+    target = out_dir / ONNX_FILE
     wrapper = _wrapper(model)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
@@ -194,7 +189,7 @@ class OnnxRunner(Runner):
     def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        model_file = path / MODEL_FILES["onnx"]
+        model_file = path / ONNX_FILE
         if not model_file.is_file():
             raise ConfigError(f"{model_file}: ONNX graph not found")
         cfg = read_model_config(path)

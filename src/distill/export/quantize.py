@@ -53,16 +53,11 @@ import numpy as np
 import torch
 
 from distill.config import ConfigError
+from distill.export.files import INT4_TORCH_FILE, INT8_FILE, ONNX_FILE
 from distill.export.merge import TorchRunner, copy_side_files
-from distill.export.runtime import (
-    MODEL_FILES,
-    load_tokenizer_dir,
-    read_model_config,
-    stop_ids,
-)
+from distill.export.runtime import load_tokenizer_dir, read_model_config, stop_ids
 
 INT8_FORMAT = "distill-int8"
-INT4_TORCH_FILE = "model.int4.safetensors"
 SCALE_SUFFIX = ".int8_scale"
 
 
@@ -127,7 +122,7 @@ def export_int8(model: Any, src_dir: Path, out_dir: Path, group: int = GROUP_SIZ
             "scheme": f"symmetric absmax int8, one fp16 scale per {group} values of a row "
                       "(per row when the row length is not a multiple)",
             "packed": json.dumps(packed), "tied": json.dumps(tied)}
-    save_file(tensors, str(out_dir / MODEL_FILES["int8"]), metadata=meta)
+    save_file(tensors, str(out_dir / INT8_FILE), metadata=meta)
     copy_side_files(src_dir, out_dir)
     notes = [f"{len(packed)} weight matrices packed to int8 (symmetric, fp16 scale per "
              f"{group} values), dequantized to fp32 at load (weight-only)"]
@@ -145,6 +140,9 @@ class Int8Embedding(torch.nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
         self.num_embeddings, self.embedding_dim = q.shape
+
+    weight_int8: torch.Tensor
+    scale: torch.Tensor
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight_int8[ids].float() * self.scale[ids].unsqueeze(-1)
@@ -238,7 +236,7 @@ def load_int8_model(path: Path, compute: str = "weight-only") -> Any:
 
     if compute not in COMPUTE_MODES:
         raise ValueError(f"compute: {compute!r} not one of {COMPUTE_MODES}")
-    weights = path / MODEL_FILES["int8"]
+    weights = path / INT8_FILE
     read_model_config(path)
     meta, tensors = _read_quantized_file(weights)
     packed: list[str] = json.loads(meta["packed"])
@@ -324,7 +322,7 @@ def quantize_groups_int4(w: Any, group: int = GROUP_SIZE) -> tuple[Any, Any]:
         d = torch.where(d == 0, torch.full_like(d, 1e-7), d)  # an fp16 underflow
         q = torch.round(x / d).clamp(-8, 7)
         err = ((q * d - x) ** 2).sum(-1, keepdim=True)
-        if best_err is None:
+        if best_q is None or best_d is None or best_err is None:
             best_q, best_d, best_err = q, d, err
         else:
             better = err < best_err
@@ -461,7 +459,7 @@ def export_nbits(onnx_dir: Path, out_dir: Path, bits: int, block_size: int = 32
 
     from distill.export.onnx_export import untie_transposes
 
-    model = onnx.load(str(onnx_dir / MODEL_FILES["onnx"]))
+    model = onnx.load(str(onnx_dir / ONNX_FILE))
     untie_transposes(model)  # the tied head as a MatMul weight again, so it is quantized too
     ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
     algo = mq.DefaultWeightOnlyQuantConfig(
@@ -478,11 +476,11 @@ def export_nbits(onnx_dir: Path, out_dir: Path, bits: int, block_size: int = 32
         logger.setLevel(level)
     out_dir.mkdir(parents=True, exist_ok=True)
     big = quantizer.model.model.ByteSize() > 1_800_000_000
-    quantizer.model.save_model_to_file(str(out_dir / MODEL_FILES["onnx"]),
+    quantizer.model.save_model_to_file(str(out_dir / ONNX_FILE),
                                        use_external_data_format=big)
     copy_side_files(onnx_dir, out_dir)
-    ops = {n.op_type for n in quantizer.model.model.graph.node}
+    kinds = {n.op_type for n in quantizer.model.model.graph.node}
     n4 = sum(n.op_type in ("MatMulNBits", "GatherBlockQuantized")
              for n in quantizer.model.model.graph.node)
     return {"notes": [f"{n4} ops at {bits} bits (block {block_size}, symmetric): "
-                      f"{', '.join(sorted(ops & {'MatMulNBits', 'GatherBlockQuantized'}))}"]}
+                      f"{', '.join(sorted(kinds & {'MatMulNBits', 'GatherBlockQuantized'}))}"]}

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distill.export.formats import FORMATS
+
 INT8_KEEP, INT8_RATIO = 0.99, 3.0
 TEACHER_KEEP, TEACHER_RATIO = 0.97, 50.0
 
@@ -72,7 +74,8 @@ def compression_rows(export: dict[str, Any]) -> list[dict[str, Any]]:
                      "n": export.get("n_eval"), "runtime": a.get("runtime"),
                      "top1": a.get("top1_agreement"), "p50": a.get("latency_p50_s"),
                      "p95": a.get("latency_p95_s"), "tok_s": a.get("tokens_per_s"),
-                     "peak_mb": a.get("peak_mem_mb"), "flagged": a.get("below_floor")})
+                     "peak_mb": a.get("peak_mem_mb"), "flagged": a.get("below_floor"),
+                     "fp32_copy": a["format"] in FORMATS and FORMATS[a["format"]].fp32})
     for r in rows:
         r["ratio_bf16"] = r["bytes"] and export.get("teacher_bf16_bytes") and \
             export["teacher_bf16_bytes"] / r["bytes"]
@@ -122,9 +125,9 @@ def plot_compression(rows: list[dict[str, Any]], teacher_acc: float | None, path
 
     from distill.records import atomic_path
 
-    # The merged artifact is the fp32 student again (same bytes and answers): one point.
+    # The fp32 artifact (merged) is the fp32 student again (same bytes and answers): one point.
     pts = sorted((r for r in rows if r["bytes"] and r["accuracy"] is not None
-                  and r["step"] != "export: merged"), key=lambda r: r["bytes"])
+                  and not r.get("fp32_copy")), key=lambda r: r["bytes"])
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for i, r in enumerate(pts):
         color = "#555" if r["step"].startswith("teacher") else \

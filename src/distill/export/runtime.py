@@ -1,9 +1,12 @@
-"""What every exported format shares: where it lives, how big it is, and greedy decoding.
+"""What every exported format shares: the model directory, its tokenizer, and greedy decoding.
 
 A `Runner` owns one loaded artifact and its KV cache. A runtime only implements `reset()` and
 `forward(ids)` (append tokens to the cache, return their logits); chat rendering, the greedy loop
 and stopping are the same code for PyTorch, ONNX Runtime, llama.cpp and the numpy GGUF reference,
 so a difference in answers is a difference in the weights or the runtime, never in the loop.
+
+This module knows no format: the format modules (merge, quantize, onnx_export, gguf_*) build on
+it, and `formats.py` maps a format name to the loader that makes its Runner.
 """
 
 from __future__ import annotations
@@ -17,30 +20,6 @@ from typing import Any
 import numpy as np
 
 from distill.config import ConfigError
-
-FORMATS = ("merged", "int8", "int4", "onnx", "gguf")
-# Files that hold weights or graphs; tokenizer and config files are the same for every format
-# (a few hundred KB to a few MB) and are not counted in an artifact's bytes.
-WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".onnx_data", ".gguf", ".data")
-MODEL_FILES = {"merged": "model.safetensors", "int8": "model.int8.safetensors",
-               "int4": "model.onnx", "onnx": "model.onnx", "gguf": "model.gguf"}
-# int4 with `export.int4_runtime: torch` is a safetensors file instead of the ONNX graph.
-
-
-def weight_bytes(path: Path) -> int:
-    """Bytes of the model weight/graph files of an artifact (a file or a directory).
-
-    Only files directly in the directory count: a trained student keeps its LoRA adapter (and
-    trainer checkpoints) in subfolders, which are not part of the model. The old filter dropped
-    any path with an `adapter` component anywhere — including the directory's own parents, so a
-    run under e.g. `/runs/adapter-sweep/` reported 0 bytes — and counted `checkpoint-*/` weights.
-    """
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in path.iterdir()
-               if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def require_model_dir(path: Path, what: str) -> None:
@@ -155,40 +134,11 @@ class Runner(ABC):
                                                                          max_new_tokens),
                                             strict=True)]
 
+    def describe(self) -> dict[str, Any]:
+        """What the export row should say about this loaded runtime beyond its format's table
+        entry (e.g. which GGUF backend ran and whose tokenizer): keys replace the row's, a
+        `notes` list is appended to its notes. Nothing by default."""
+        return {}
+
     def close(self) -> None:
         return None
-
-
-def artifact_dir(export_dir: Path, fmt: str) -> Path:
-    return export_dir / fmt
-
-
-def load_runner(fmt: str, path: Path, *, threads: int | None = None,
-                gguf_backend: str = "auto") -> Runner:
-    """Load an exported artifact in its own runtime; a broken or missing one is a ConfigError."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt}: unknown format (expected one of {', '.join(FORMATS)})")
-    if not path.exists():
-        raise ConfigError(f"{path}: no {fmt} artifact here (run `distill export` with "
-                          f"export.formats including {fmt})")
-    if fmt == "merged":
-        from distill.export.merge import load_merged_runner
-
-        return load_merged_runner(path, threads=threads)
-    if fmt == "int8" and not (path / MODEL_FILES["onnx"]).is_file():
-        from distill.export.quantize import load_int8_runner
-
-        return load_int8_runner(path, threads=threads)
-    if fmt == "int4" and (path / "model.int4.safetensors").is_file():
-        from distill.export.quantize import load_int4_runner
-
-        return load_int4_runner(path, threads=threads)
-    if fmt in ("onnx", "int4", "int8"):
-        from distill.export.onnx_export import OnnxRunner
-
-        runner = OnnxRunner(path, threads=threads)
-        runner.fmt = fmt
-        return runner
-    from distill.export.gguf_export import load_gguf_runner
-
-    return load_gguf_runner(path, threads=threads, backend=gguf_backend)

@@ -1,13 +1,17 @@
 """The export stage: `student/` → `export/<format>/` + `export/export.json`.
 
-Order of work: (optional) prune + recover → merged (the base of every other format) → int8,
-onnx, int4 (from the onnx graph, or 4-bit safetensors with `int4_runtime: torch`), gguf. Each
-artifact is then loaded back in its own runtime and measured the same way (`measure.py`): bytes,
+Order of work: `prepare` — (optional) prune + recover → merged (the base of every other
+format); `export_one` per format — int8, onnx, int4 (from the onnx graph, or 4-bit safetensors
+with `int4_runtime: torch`), gguf, written and measured; `summarize` — ratios and export.json.
+What each format is (its file, runtime, writer, loader and place in that order) is read from the
+table in `formats.py`, not switched on here by name.
+
+Each artifact is loaded back in its own runtime and measured the same way (`measure.py`): bytes,
 held-out accuracy with the evaluate stage's scorer (PyTorch artifacts through evaluate's own
 batched backend, ONNX graphs batched in ONNX Runtime, GGUF one prompt at a time), CPU latency
-per answer, tokens/s, peak memory, and fidelity to the PyTorch fp32 model:
-teacher-forced top-1 agreement and max |Δlogit| on several held-out prompts followed by the fp32
-model's own greedy answer (the same token ids for every format).
+per answer, tokens/s, peak memory, and fidelity to the PyTorch fp32 model: teacher-forced top-1
+agreement and max |Δlogit| on several held-out prompts followed by the fp32 model's own greedy
+answer (the same token ids for every format).
 
 Accuracy on a few dozen items cannot see a broken artifact (torch dynamic int8 on SmolLM2-135M
 scored `accuracy_vs_fp32` 1.0 on 8 items with top-1 agreement 0.47), so an artifact whose
@@ -21,10 +25,21 @@ from __future__ import annotations
 import gc
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, PipelineConfig
+from distill.evaluate.stage import held_out_inputs
+from distill.export.files import dir_params, weight_bytes
+from distill.export.formats import (
+    ArtifactFormat,
+    Layout,
+    WriteJob,
+    base_format,
+    export_plan,
+    load_runner,
+)
 from distill.export.measure import (
     PEAK_MEM_METHOD,
     ForcedSequence,
@@ -35,37 +50,9 @@ from distill.export.measure import (
     measure,
 )
 from distill.export.merge import TorchRunner, export_merged, load_torch_model
-from distill.export.runtime import (
-    load_runner,
-    load_tokenizer_dir,
-    require_model_dir,
-    stop_ids,
-    weight_bytes,
-)
+from distill.export.runtime import load_tokenizer_dir, require_model_dir, stop_ids
 from distill.records import RunDir, write_json, write_jsonl
-
-# onnx before int4 (and before an onnxruntime int8): those are quantized from the fp32 graph.
-ORDER = ("merged", "int8", "onnx", "int4", "gguf")
-ORDER_ORT_INT8 = ("merged", "onnx", "int8", "int4", "gguf")
-RUNTIMES = {"merged": "PyTorch (fp32)",
-            "int8": "PyTorch, int8 weights (per channel) dequantized to fp32 at load",
-            "onnx": "ONNX Runtime (CPU)", "int4": "ONNX Runtime MatMulNBits (CPU)",
-            "gguf": "llama.cpp"}
-
-
-def safetensors_params(path: Path) -> int:
-    """Parameter count from safetensors headers, without loading the weights."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="np") as fh:
-            for k in fh.keys():  # noqa: SIM118 - safe_open API
-                n = 1
-                for d in fh.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
+from distill.stages import Stage
 
 
 def teacher_size(cfg: PipelineConfig, run_dir: Path | None) -> dict[str, Any]:
@@ -80,7 +67,7 @@ def teacher_size(cfg: PipelineConfig, run_dir: Path | None) -> dict[str, Any]:
         path = cfg.resolve(cfg.teacher.model)
         if path.is_dir():
             disk = dir_bytes(path)
-            params = params or safetensors_params(path) or None
+            params = params or dir_params(path) or None
     metrics = run_dir / "evaluate" / "metrics.json" if run_dir else None
     if params is None and metrics is not None and metrics.is_file():
         params = json.loads(metrics.read_text()).get("teacher_params")
@@ -127,75 +114,28 @@ def flag_row(row: dict[str, Any], floor: float) -> None:
                             "artifact without checking its answers")
 
 
-def export_artifact(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: PipelineConfig
-                    ) -> dict[str, Any]:
-    """Write one format; returns {"notes": [...], ...} or {"skipped": reason}."""
-    from distill.export import quantize
-
-    e = cfg.export
-    assert e is not None
-    path = out / fmt
-    if fmt != "merged" and path.exists():
+def _write(layout: Layout, job: WriteJob, path: Path) -> dict[str, Any]:
+    """The layout's writer into a fresh `path`, with any failure turned into {"skipped":
+    reason}: one format that cannot handle this model must not cost the others."""
+    assert layout.write is not None
+    if path.exists():
         shutil.rmtree(path)
-    if fmt == "merged":
-        return {"notes": []}
-    if fmt == "int8" and e.int8_runtime == "torch":
-        return quantize.export_int8(model, merged_dir, path)
-    if fmt == "onnx":
-        from distill.export.onnx_export import export_onnx
-
-        return export_onnx(model, merged_dir, path, e.onnx_opset)
-    if fmt == "int4" and e.int4_runtime == "torch":
-        return quantize.export_int4_torch(model, merged_dir, path, e.int4_block_size,
-                                          e.int4_keep_int8)
-    if fmt in ("int4", "int8"):
-        reason = quantize.int4_available()
-        if reason:
-            return {"skipped": reason}
-        src = out / "onnx"
-        if not (src / "model.onnx").is_file():
-            from distill.export.onnx_export import export_onnx
-
-            src = out / ".onnx-fp32"
-            export_onnx(model, merged_dir, src, e.onnx_opset)
-        try:
-            return quantize.export_nbits(src, path, 4 if fmt == "int4" else 8,
-                                         e.int4_block_size if fmt == "int4" else 32)
-        finally:
-            if src.name == ".onnx-fp32":
-                shutil.rmtree(src, ignore_errors=True)
-    if fmt == "gguf":
-        from distill.export.gguf_export import write_gguf
-
-        return write_gguf(merged_dir, path, qtype=e.gguf_type, pre=e.gguf_pre, name=cfg.name,
-                          converter=e.gguf_converter)
-    raise ConfigError(f"export.formats: unknown format {fmt!r}")
-
-
-def _safe_export(fmt: str, model: Any, merged_dir: Path, out: Path, cfg: PipelineConfig
-                 ) -> dict[str, Any]:
-    """`export_artifact`, with any failure turned into {"skipped": reason}: one format that
-    cannot handle this model must not cost the others."""
     try:
-        return export_artifact(fmt, model, merged_dir, out, cfg)
+        return layout.write(job, path)
     except Exception as err:  # noqa: BLE001 - recorded in export.json, never silent
-        shutil.rmtree(out / fmt, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
         return {"skipped": f"export failed ({type(err).__name__}: {str(err)[:300]})"}
 
 
-def _new_row(fmt: str, out: Path, params: int, info: dict[str, Any], int8_runtime: str,
-             int4_runtime: str = "onnxruntime") -> dict[str, Any]:
+def _new_row(fmt: str, layout: Layout, out: Path, params: int, info: dict[str, Any]
+             ) -> dict[str, Any]:
     row: dict[str, Any] = {"format": fmt, "path": str((out / fmt).relative_to(out.parent)),
                            "params": params, "bytes": None, "accuracy": None,
                            "latency_p50_s": None, "latency_p95_s": None,
                            "tokens_per_s": None, "peak_mem_mb": None,
                            "top1_agreement": None, "max_abs_dlogit": None,
-                           "below_floor": None, "runtime": RUNTIMES[fmt],
+                           "below_floor": None, "runtime": layout.runtime,
                            "notes": list(info.get("notes", []))}
-    if fmt == "int8" and int8_runtime == "onnxruntime":
-        row["runtime"] = "ONNX Runtime MatMulNBits 8-bit (CPU)"
-    if fmt == "int4" and int4_runtime == "torch":
-        row["runtime"] = "PyTorch, int4 weights (fp16 scale per group) dequantized to fp32 at load"
     if "skipped" in info:
         row["notes"].append(f"skipped: {info['skipped']}")
     return row
@@ -221,32 +161,48 @@ def _measure_row(row: dict[str, Any], fmt: str, path: Path, info: dict[str, Any]
     row |= metrics
     row |= fidelity(runner, seqs)
     row["max_abs_diff"] = row["max_abs_dlogit"]  # the name report.md reads
-    if fmt == "gguf":
-        backend = getattr(runner, "backend", "llama.cpp")
-        row["runtime"] = "llama.cpp (llama-cpp-python)" if backend == "llama.cpp" else \
-            "numpy reference forward from the GGUF tensors (llama-cpp-python not installed)"
-        if backend == "llama.cpp":
-            own = getattr(runner, "own_tokenizer", True)
-            row["tokenizer"] = "llama.cpp" if own else "transformers"
-            if getattr(runner, "tokenizer_note", None):
-                row["notes"].append(runner.tokenizer_note)
+    said = runner.describe()
+    notes = said.pop("notes", [])
+    row |= said
+    row["notes"] += notes
     runner.close()
     del runner
     gc.collect()
     return preds
 
 
-def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
-               sft_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
-    """Export and measure every format of `cfg.export.formats`; writes `out/export.json`."""
+@dataclass
+class Prepared:
+    """What every artifact is written from and measured against (`prepare`'s result)."""
+
+    cfg: PipelineConfig
+    out: Path
+    plan: list[tuple[ArtifactFormat, Layout]]
+    threads: int
+    items: list[dict[str, Any]]
+    doc: dict[str, Any]
+    """export.json's fields known before any artifact (sizes, teacher, prune)."""
+    job: WriteJob
+    merged_info: dict[str, Any]
+    params: int
+    seqs: list[ForcedSequence]
+    floor: float
+    fp32_acc: float | None
+    """The fp32 student's accuracy when measured apart (pruned, or no fp32 format asked for)."""
+    t_start: float
+
+
+def prepare(cfg: PipelineConfig, student_dir: Path, out: Path, sft_dir: Path | None = None,
+            run_dir: Path | None = None) -> Prepared:
+    """Check the inputs; prune and recover when asked; save the fp32 base (merged) every format
+    is made from; build the fidelity sequences; score the fp32 student when no artifact is it."""
     import torch
 
     e = cfg.export
     if e is None:
         raise ConfigError("export: section missing from the pipeline file")
     require_model_dir(student_dir, "student")
-    order = ORDER if e.int8_runtime == "torch" else ORDER_ORT_INT8
-    formats = [f for f in order if f in e.formats]
+    plan = export_plan(e)
     threads = e.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +234,7 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
         pruned, doc["prune"] = prune_and_recover(student, tok, read_stage_rows(
             sft_dir, "sft.jsonl"), e.prune, seed=cfg.seed)
 
-    merged_dir = out / "merged"
+    merged_dir = out / base_format().name
     base = cfg.train.student
     base_model = str(cfg.resolve(base)) if base and cfg.resolve(base).exists() else base or None
     merged_info = export_merged(student_dir, merged_dir, base_model=base_model, model=pruned)
@@ -288,33 +244,47 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
     ref_runner = TorchRunner(model, tok, stop_ids(tok, merged_dir), "reference", threads)
     # Fidelity prompts come from the whole held-out set, not only the first eval_limit items.
     seqs = fidelity_sequences(ref_runner, model, cfg, eval_items(cfg, limited=False))
-    floor = min_top1(cfg)
 
     # Accuracy of the fp32 student as trained: the yardstick of every artifact.
     fp32_acc: float | None = None
-    if pruned is not None or "merged" not in formats:
+    if pruned is not None or not any(f.fp32 for f, _ in plan):
         fp32_runner = TorchRunner(student, tok, ref_runner.eos_ids, "student", threads)
         fp32_acc, _ = accuracy(fp32_runner, cfg, items, "student_fp32")
     del student
     gc.collect()
+    return Prepared(cfg, out, plan, threads, items, doc, WriteJob(model, merged_dir, out, cfg),
+                    merged_info, params, seqs, min_top1(cfg), fp32_acc, t_start)
 
-    artifacts, all_preds = [], []
-    for fmt in formats:
+
+def export_one(p: Prepared, fmt: ArtifactFormat, layout: Layout
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Write one artifact (the fp32 base is already written) and measure it in its runtime:
+    its export.json row and its predictions."""
+    path = p.out / fmt.name
+    t0 = time.perf_counter()
+    info = p.merged_info if layout.write is None else _write(layout, p.job, path)
+    row = _new_row(fmt.name, layout, p.out, p.params, info)
+    row["export_s"] = round(time.perf_counter() - t0, 2)
+    preds: list[dict[str, Any]] = []
+    if "skipped" not in info:
         t0 = time.perf_counter()
-        info = merged_info if fmt == "merged" else _safe_export(fmt, model, merged_dir, out, cfg)
-        row = _new_row(fmt, out, params, info, e.int8_runtime, e.int4_runtime)
-        row["export_s"] = round(time.perf_counter() - t0, 2)
-        if "skipped" not in info:
-            t0 = time.perf_counter()
-            all_preds += _measure_row(row, fmt, out / fmt, info, cfg, items, seqs, threads)
-            row["measure_s"] = round(time.perf_counter() - t0, 2)
-            flag_row(row, floor)
-        artifacts.append(row)
-        if fmt == "merged" and fp32_acc is None:
-            fp32_acc = row["accuracy"]
+        preds = _measure_row(row, fmt.name, path, info, p.cfg, p.items, p.seqs, p.threads)
+        row["measure_s"] = round(time.perf_counter() - t0, 2)
+        flag_row(row, p.floor)
+    return row, preds
 
-    if "merged" not in formats:
-        shutil.rmtree(merged_dir, ignore_errors=True)
+
+def summarize(p: Prepared, artifacts: list[dict[str, Any]], preds: list[dict[str, Any]]
+              ) -> dict[str, Any]:
+    """Ratios to the fp32 student and the teacher, the flagged, skipped and smallest artifacts;
+    writes `export.json` and `predictions.jsonl`."""
+    doc = p.doc
+    fp32 = {f.name for f, _ in p.plan if f.fp32}
+    fp32_acc = p.fp32_acc
+    if fp32_acc is None:
+        fp32_acc = next((a["accuracy"] for a in artifacts if a["format"] in fp32), None)
+    if not fp32:
+        shutil.rmtree(p.job.merged_dir, ignore_errors=True)
     for row in artifacts:
         row["ratio_vs_fp32"] = _ratio(doc["student_fp32_bytes"], row["bytes"])
         row["ratio_vs_teacher"] = _ratio(doc["teacher_bytes"], row["bytes"])
@@ -322,8 +292,8 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
         row["accuracy_vs_fp32"] = _ratio(row["accuracy"], fp32_acc, 4)
         row["accuracy_vs_teacher"] = _ratio(row["accuracy"], doc.get("teacher_accuracy"), 4)
     doc["student_fp32_accuracy"] = fp32_acc
-    doc["min_top1_agreement"] = floor
-    doc["fidelity_method"] = (f"teacher-forced on {len(seqs)} held-out prompts + the fp32 "
+    doc["min_top1_agreement"] = p.floor
+    doc["fidelity_method"] = (f"teacher-forced on {len(p.seqs)} held-out prompts + the fp32 "
                               "student's greedy answer; prompt prefilled, answer fed one token "
                               "at a time through the runtime's KV cache")
     doc["artifacts"] = artifacts
@@ -336,10 +306,22 @@ def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
         doc["smallest"] = {"format": smallest["format"], "bytes": smallest["bytes"],
                            "ratio_vs_teacher": smallest["ratio_vs_teacher"],
                            "ratio_vs_fp32": smallest["ratio_vs_fp32"]}
-    doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-    write_jsonl(out / "predictions.jsonl", all_preds)
-    write_json(out / "export.json", doc)
+    doc["wall_s"] = round(time.perf_counter() - p.t_start, 1)
+    write_jsonl(p.out / "predictions.jsonl", preds)
+    write_json(p.out / "export.json", doc)
     return doc
+
+
+def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
+               sft_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
+    """Export and measure every format of `cfg.export.formats`; writes `out/export.json`."""
+    p = prepare(cfg, student_dir, out, sft_dir, run_dir)
+    artifacts, all_preds = [], []
+    for fmt, layout in p.plan:
+        row, preds = export_one(p, fmt, layout)
+        artifacts.append(row)
+        all_preds += preds
+    return summarize(p, artifacts, all_preds)
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
@@ -354,3 +336,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         if a["accuracy"] is not None:
             summary[f"{a['format']}_accuracy"] = a["accuracy"]
     return summary
+
+
+# The pruning option recovers on sft/, so the training set is read too.
+STAGE = Stage(name="export", run=run, sections=("export", "evaluate"), inputs=held_out_inputs,
+              reads=("student/", "sft/sft.jsonl"))

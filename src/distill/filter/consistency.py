@@ -15,9 +15,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from distill.answers import gold_answer, numeric_value, text_key
 from distill.config import ConsistencyConfig
 from distill.filter.rows import answer_of, has_gold, seed_of
-from distill.filter.verify import gold_answer, numeric_value, text_key
 
 
 def vote_key(answer: str | None) -> str | None:

@@ -16,10 +16,9 @@ import json
 import re
 from typing import Any
 
+from distill.answers import gold_answer, split_think
 from distill.config import PipelineConfig
 from distill.filter.rows import question_of, response_of
-from distill.filter.verify import gold_answer
-from distill.generate.parse import split_think
 from distill.teachers import make_teacher, structured
 from distill.teachers.base import Completion, Job, SamplingParams
 from distill.teachers.cache import ResponseCache

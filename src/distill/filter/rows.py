@@ -10,7 +10,7 @@ import re
 import unicodedata
 from typing import Any
 
-from distill.filter.verify import extract_answer, gold_answer
+from distill.answers import extract_answer, gold_answer
 
 
 def _message(row: dict[str, Any], role: str, last: bool) -> str:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
+from distill.answers import answers_match
 from distill.config import AdaptiveConfig, PipelineConfig, VerifyConfig
-from distill.filter.verify import answers_match, verify_row
+from distill.filter.verify import verify_row
 from distill.generate import batching, soft_targets
 from distill.generate.cot import generation_row, sampling_params, structured_format
 from distill.generate.templates import chat_messages
-from distill.records import RunDir
+from distill.records import GenerationRow, RunDir
 from distill.seeds import load_seeds
 from distill.teachers import make_teacher
 from distill.teachers.base import Job
@@ -51,18 +53,19 @@ def samples_to_draw(a: AdaptiveConfig, round_: int, drawn: int, verified: int,
     return max(1, min(want, left))
 
 
-def _verified(row: dict[str, Any], checks: VerifyConfig | None) -> bool:
+def _verified(row: Mapping[str, Any], checks: VerifyConfig | None) -> bool:
     """Would the filter's verify step keep this sample? (Its gold answer alone without one.)"""
     if row.get("error"):
         return False
     if checks is None:
         return answers_match(row.get("answer"), row.get("gold"))
-    probe = row | {"scores": {}}  # verify_row writes scores; the filter stage scores for real
+    # verify_row writes scores; the filter stage scores for real
+    probe: dict[str, Any] = {**row, "scores": {}}
     return verify_row(probe, checks) is None and probe["scores"].get("verified") is True
 
 
 def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
-                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      ) -> tuple[list[GenerationRow], dict[str, Any]]:
     """The adaptive generate stage: (a row for every sample drawn, stats for the manifest)."""
     a = cfg.generate.adaptive
     assert a is not None
@@ -75,13 +78,12 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
     drawn: Counter[str] = Counter()
     verified: Counter[str] = Counter()
     solved_in: dict[str, int] = {}
-    rows: list[dict[str, Any]] = []
+    rows: list[GenerationRow] = []
     per_round: list[dict[str, Any]] = []
     total = EngineStats()
     teacher = make_teacher(cfg.teacher, batch_record=batching.record_path(run_dir),
                            **soft_targets.teacher_options(cfg))
-    cache = ResponseCache(run_dir.cache)
-    try:
+    with ResponseCache(run_dir.cache) as cache:
         for r in range(a.rounds):
             jobs = []
             for s in seeds:
@@ -98,12 +100,7 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
                 price_out=cfg.teacher.price_out_per_mtok,
                 description=f"generate (adaptive round {r + 1}/{a.rounds})",
                 need_logprobs=bool(soft_targets.kd_needs_stored(cfg)))
-            for k in ("requested", "cached", "sent", "failed", "prompt_tokens",
-                      "completion_tokens"):
-                setattr(total, k, getattr(total, k) + getattr(stats, k))
-            total.cost_usd += stats.cost_usd
-            total.budget_stopped |= stats.budget_stopped
-            total.notes += stats.notes
+            total.add(stats)
             by_id = {s["id"]: s for s in seeds}
             n_ok = 0
             for job in jobs:
@@ -122,12 +119,10 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
             per_round.append({"round": r + 1, "seeds": len(jobs),
                               "samples": sum(len(j.samples) for j in jobs), "verified": n_ok,
                               "cost_usd": round(stats.cost_usd, 6)})
-    finally:
-        cache.close()
     for row in rows:
         row["seed_samples"] = drawn[row["seed_id"]]
-    stats = adaptive_stats(a, seeds, drawn, verified, solved_in, per_round, total)
-    return rows, stats | soft_targets.manifest_note(cfg, rows)
+    summary = adaptive_stats(a, seeds, drawn, verified, solved_in, per_round, total)
+    return rows, summary | soft_targets.manifest_note(cfg, rows)
 
 
 def adaptive_stats(a: AdaptiveConfig, seeds: list[dict[str, Any]], drawn: Counter[str],

@@ -75,13 +75,14 @@ def _completion(cfg: PipelineConfig, job: Job, body: dict[str, Any]) -> Completi
     read = read_choice(cfg.teacher, job, choices[0])
     if read.policy == "retry":
         return None
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    raw = body.get("usage")
+    usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
     comp = Completion(text=read.text, reasoning=read.reasoning, finish_reason=read.finish_reason,
                       prompt_tokens=int(usage.get("prompt_tokens") or 0),
                       completion_tokens=int(usage.get("completion_tokens") or 0),
                       top_logprobs=read.top_logprobs)
     if read.policy == "drop":
-        comp.error = f"dropped: finish_reason={read.why}"
+        comp.fail("dropped", read.error)
     comp.extra = {"offline_batch": True}
     if served := served_model(body):
         comp.extra["served_model"] = served
@@ -107,11 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         for p in write(cfg, args.out):
             print(p)
         return
-    cache = ResponseCache(RunDir(args.run_dir).cache)
-    try:
+    with ResponseCache(RunDir(args.run_dir).cache) as cache:
         print(load(cfg, args.results, cache))
-    finally:
-        cache.close()
 
 
 if __name__ == "__main__":

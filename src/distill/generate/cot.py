@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill.answers import parse_response
 from distill.config import PipelineConfig
-from distill.generate.parse import parse_response
 from distill.generate.templates import chat_messages
-from distill.records import empty_generation
-from distill.teachers.base import Completion, Job, SamplingParams, completion_cost
+from distill.records import GenerationRow, make_generation_row
+from distill.teachers.base import Completion, Job, SamplingParams
 from distill.teachers.structured import response_format
 
 
@@ -51,35 +51,22 @@ def structured_fields(parsed: Any) -> dict[str, Any]:
     return out
 
 
+def teacher_name(cfg: PipelineConfig) -> str:
+    """The rows' `teacher`: backend and model as configured."""
+    return f"{cfg.teacher.backend}:{cfg.teacher.model}"
+
+
 def generation_row(cfg: PipelineConfig, seed: dict[str, Any], job: Job, sample: int,
-                   comp: Completion) -> dict[str, Any]:
-    row = empty_generation()
-    parsed = parse_response(comp.text, comp.reasoning) if not comp.error else {}
-    row.update(
-        id=f"{seed['id']}#{sample}",
-        seed_id=seed["id"],
-        sample=sample,
-        question=seed["question"],
-        gold=seed.get("answer"),
-        messages=job.messages,
-        response=comp.text if not comp.error else None,
-        reasoning=parsed.get("reasoning"),
-        rationale=parsed.get("rationale"),
-        answer=parsed.get("answer"),
-        finish_reason=comp.finish_reason,
-        prompt_tokens=comp.prompt_tokens,
-        completion_tokens=comp.completion_tokens,
-        cost_usd=completion_cost(comp, cfg.teacher.price_in_per_mtok,
-                                 cfg.teacher.price_out_per_mtok),
-        latency_s=round(comp.latency_s, 4),
-        teacher=f"{cfg.teacher.backend}:{cfg.teacher.model}",
-        error=comp.error,
-    )
-    # Every row has the same columns (a dataset takes its columns from the first row).
-    row["teacher_served"] = comp.extra.get("served_model")
-    if job.response_format is not None:
-        row.update(structured_fields(comp.extra.get("parsed") if not comp.error else None))
-    if comp.top_logprobs is not None:
-        row["top_logprobs"] = comp.top_logprobs
-        row["token_ids"] = comp.token_ids
-    return row
+                   comp: Completion) -> GenerationRow:
+    """The row of one chain-of-thought sample (`records.make_generation_row`): rationale and
+    answer parsed from the response; a structured response (`generate.response_format`) fills
+    them from its JSON."""
+    fields: dict[str, Any] = {}
+    if job.response_format is not None:  # every row the same columns, failed ones too
+        fields = structured_fields(comp.extra.get("parsed") if not comp.error else None)
+    return make_generation_row(
+        seed_id=seed["id"], sample=sample, question=seed["question"], gold=seed.get("answer"),
+        messages=job.messages, teacher=teacher_name(cfg), completion=comp,
+        parsed=parse_response(comp.text, comp.reasoning) if not comp.error else None,
+        price_in=cfg.teacher.price_in_per_mtok, price_out=cfg.teacher.price_out_per_mtok,
+        **fields)

@@ -10,11 +10,10 @@ ConfigError; otherwise the stage warns and the manifest records it (`soft_target
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distill.config import ConfigError, PipelineConfig
-from distill.teachers.openai_backend import NO_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ def kd_needs_stored(cfg: PipelineConfig) -> str | None:
     KD reads the stored top-k unless `train.kd.soft_targets` is "teacher", or is "auto" with a
     local teacher to fall back on. GKD scores with the local teacher only, never stored ones.
     """
-    from distill.train.kd import local_teacher_name
+    from distill.train.common import local_teacher_name
 
     t = cfg.train
     if cfg.teacher.top_logprobs <= 0 or "train" not in cfg.stages:
@@ -50,7 +49,7 @@ def teacher_options(cfg: PipelineConfig) -> dict[str, Any]:
     return {}
 
 
-def count_missing(cfg: PipelineConfig, rows: Sequence[dict[str, Any]]) -> tuple[int, int]:
+def count_missing(cfg: PipelineConfig, rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
     """(rows without soft targets, rows with a response), when `top_logprobs` asked for them."""
     if cfg.teacher.top_logprobs <= 0:
         return 0, 0
@@ -64,11 +63,11 @@ def _where(cfg: PipelineConfig) -> str:
     return f"the {cfg.teacher.backend} teacher" + (f" at {urls}" if urls else "")
 
 
-def enforce(cfg: PipelineConfig, rows: Sequence[dict[str, Any]]) -> None:
+def enforce(cfg: PipelineConfig, rows: Sequence[Mapping[str, Any]]) -> None:
     """ConfigError when training needs stored soft targets and some rows came back without."""
     need = kd_needs_stored(cfg)
     missing, answered = count_missing(cfg, rows)
-    stopped = sum(NO_LOGPROBS in str(r.get("error") or "") for r in rows)
+    stopped = sum(r.get("error_kind") == "missing_logprobs" for r in rows)
     if need is None or not (missing or stopped):
         return
     raise ConfigError(
@@ -80,7 +79,7 @@ def enforce(cfg: PipelineConfig, rows: Sequence[dict[str, Any]]) -> None:
         "teacher.top_logprobs: 0")
 
 
-def manifest_note(cfg: PipelineConfig, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def manifest_note(cfg: PipelineConfig, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the manifest says about soft targets (nothing when none were asked for); warns when
     some are missing."""
     if cfg.teacher.top_logprobs <= 0:

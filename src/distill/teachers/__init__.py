@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, TeacherConfig
+from distill.teachers.base import Teacher
 
 
-def make_teacher(cfg: TeacherConfig, *, batch_record: Path | None = None, **kwargs: Any) -> Any:
+def make_teacher(cfg: TeacherConfig, *, batch_record: Path | None = None, **kwargs: Any
+                 ) -> Teacher:
     """The backend `cfg` names. `batch_record`: where a stage that can wait for the Batch API
-    keeps its batch ids (`teacher.batch`); without it (judge, evaluate) requests go online."""
+    keeps its batch ids (`teacher.batch`); without it (judge, evaluate) requests go online.
+    `kwargs` go to the backend (e.g. `require_logprobs`, or a loaded `model` and `tokenizer`
+    for transformers)."""
     if cfg.backend == "openai" and cfg.batch and batch_record is not None:
         from distill.teachers.batch import BatchTeacher
 

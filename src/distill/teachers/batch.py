@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, TeacherConfig
-from distill.teachers.base import Completion, Job
+from distill.teachers.base import BatchItem, Completion, ErrorKind, Job, Result, stream_batch
 from distill.teachers.batch_files import (
     TERMINAL,
     BatchRecord,
@@ -40,17 +40,19 @@ from distill.teachers.batch_files import (
 )
 from distill.teachers.estimate import estimate_prompt_tokens
 from distill.teachers.limits import Budget
-from distill.teachers.openai_backend import (
+from distill.teachers.openai_backend import OpenAITeacher
+from distill.teachers.openai_client import base_urls, read_api_key
+from distill.teachers.openai_wire import status_kind
+from distill.teachers.responses import (
     NO_LOGPROBS,
-    OpenAITeacher,
-    base_urls,
-    read_api_key,
+    estimate_choice_tokens,
+    read_choice,
+    retry_note,
+    served_model,
 )
-from distill.teachers.responses import estimate_choice_tokens, read_choice, retry_note, served_model
 
 log = logging.getLogger(__name__)
 
-Result = tuple[Job, int, Completion]
 _MISSING_CODES = ("batch_expired", "batch_cancelled")
 _RETRYABLE = {408, 409, 425, 429}
 
@@ -70,7 +72,12 @@ class _Item:
 
 
 class _Fatal(Exception):
-    pass
+    """A batch the provider refuses (a bad request or key): nothing more is submitted."""
+
+    def __init__(self, kind: ErrorKind, why: str) -> None:
+        super().__init__(why)
+        self.kind: ErrorKind = kind
+        self.why = why
 
 
 class BatchTeacher:
@@ -83,7 +90,7 @@ class BatchTeacher:
         if not cfg.model:
             raise ConfigError("teacher.model: empty; expected the model name the server serves")
         self.cfg = cfg
-        self.model_id = self.model = cfg.model
+        self.model_id = cfg.model
         self.urls = base_urls(cfg.base_url)
         read_api_key(cfg, self.urls)  # fail early; the value is not kept
         self.record = BatchRecord(record_path)
@@ -97,7 +104,7 @@ class BatchTeacher:
             ("batches_submitted", "batches_resumed", "lines_submitted", "lines_failed",
              "lines_resubmitted", "lines_online", "polls"), 0)
         self.logprobs_missing = 0
-        self._fatal: str | None = None
+        self._fatal: tuple[ErrorKind, str] | None = None
         self._client: Any = None
         self._waiting: set[str] = set()
 
@@ -174,6 +181,9 @@ class BatchTeacher:
             async for result in self._online(online):
                 yield result
 
+    def generate_batch(self, batch: Sequence[BatchItem]) -> list[Completion]:
+        return stream_batch(self, batch)
+
     # submitting -----------------------------------------------------------------------------
     async def _resume(self, items: dict[str, _Item]) -> list[dict[str, Any]]:
         """Batches an earlier process submitted for these samples: poll them, never resubmit."""
@@ -206,11 +216,12 @@ class BatchTeacher:
                       active: list[dict[str, Any]]) -> list[Result]:
         out: list[Result] = []
         if self._fatal:
-            return [self._final(items, it, f"not sent: {self._fatal}") for it in ready]
+            kind, why = self._fatal
+            return [self._final(items, it, kind, f"not sent: {why}") for it in ready]
         fit = [it for it in ready if self._reserve(it)]
         if len(fit) < len(ready) and not active and not fit:
             self.budget.closed = True
-            return [self._final(items, it, self.budget.message()) for it in ready]
+            return [self._final(items, it, "budget", self.budget.message()) for it in ready]
         lines = [make_line(self.cfg, self.backend, it.job, it.sample, it.reseed) for it in fit]
         for chunk in split_lines(lines, self.cfg.batch_max_requests, self.cfg.batch_max_bytes):
             if not self._fatal:
@@ -218,7 +229,7 @@ class BatchTeacher:
                     active.append(await self._create(chunk))
                     continue
                 except _Fatal as err:
-                    self._fatal = str(err)
+                    self._fatal = (err.kind, err.why)
                     log.error("batch: %s; submitting nothing more", err)
                 except Exception as err:  # noqa: BLE001 - transient: retried after a pause
                     why = f"batch submission failed: {type(err).__name__}: {err}"[:300]
@@ -226,11 +237,12 @@ class BatchTeacher:
                     for line in chunk:
                         item = items[line.custom_id]
                         self._unreserve(item)
-                        out += self._some(self._retry(items, item, why, None))
+                        out += self._some(self._retry(items, item, "batch", why, None))
                     await asyncio.sleep(self.cfg.batch_poll_s)
                     continue
-            why = f"not sent: {self._fatal}"
-            out += [self._final(items, items[ln.custom_id], why) for ln in chunk]
+            assert self._fatal is not None
+            kind, why = self._fatal[0], f"not sent: {self._fatal[1]}"
+            out += [self._final(items, items[ln.custom_id], kind, why) for ln in chunk]
         # Lines held back by the budget wait for the running batches to settle.
         return out
 
@@ -247,7 +259,8 @@ class BatchTeacher:
                 completion_window="24h", metadata={"distill_tag": intent["tag"]})
         except openai.APIStatusError as err:
             if err.status_code in (400, 401, 403, 404, 422):
-                raise _Fatal(f"HTTP {err.status_code}: {err.message}"[:300]) from None
+                why = f"HTTP {err.status_code}: {err.message}"[:300]
+                raise _Fatal(status_kind(err.status_code), why) from None
             raise
         rec = self.record.add(batch.id, intent, batch.status)
         self._waiting.update(line.custom_id for line in chunk)
@@ -282,7 +295,7 @@ class BatchTeacher:
                 if not raw.strip():
                     continue
                 cid, status, body, why = parse_output_line(raw)
-                if cid not in mine or cid in seen:
+                if cid is None or cid not in mine or cid in seen:
                     continue
                 seen.add(cid)
                 self._waiting.discard(cid)
@@ -297,7 +310,7 @@ class BatchTeacher:
                 self.counters["lines_resubmitted"] += 1  # not its fault: no attempt counted
             else:
                 why = failure or f"missing from the output of batch {rec['id']} ({batch.status})"
-                out += self._some(self._retry(items, item, why, online))
+                out += self._some(self._retry(items, item, "batch", why, online))
         self.record.mark(rec, status=batch.status, collected=True)
         log.info("batch %s: %s; %d results, %d missing", rec["id"], batch.status, len(seen),
                  len(missing))
@@ -313,8 +326,11 @@ class BatchTeacher:
                 self.counters["lines_resubmitted"] += 1
                 return []
             if status is not None and status < 500 and status not in _RETRYABLE:
-                return [self._final(items, item, why)]  # a bad request stays bad
-            return self._some(self._retry(items, item, why, online))
+                return [self._final(items, item, "bad_request", why)]  # a bad request stays bad
+            # A line the server failed (5xx, 408, ...) or rate limited; else the batch lost it.
+            kind: ErrorKind = ("rate_limit" if status == 429
+                               else "server" if status is not None else "batch")
+            return self._some(self._retry(items, item, kind, why, online))
         choices = [c for c in body.get("choices") or [] if isinstance(c, dict)]
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         prompt = usage.get("prompt_tokens")
@@ -327,16 +343,18 @@ class BatchTeacher:
         item.carried[0] += prompt
         item.carried[1] += completion
         if not choices:
-            return self._some(self._retry(items, item, "empty response: no choices", online))
+            return self._some(self._retry(items, item, "empty", "empty response: no choices",
+                                          online))
         read = read_choice(self.cfg, item.job, choices[0])
         if read.policy == "retry":
             item.reseed += 1
-            return self._some(self._retry(items, item, retry_note(read.why), online))
+            return self._some(self._retry(items, item, read.kind or "other", retry_note(read),
+                                          online))
         comp = Completion(text=read.text, reasoning=read.reasoning,
                           finish_reason=read.finish_reason, prompt_tokens=item.carried[0],
                           completion_tokens=item.carried[1])
         if read.policy == "drop":
-            comp.error = f"dropped: finish_reason={read.why}"
+            comp.fail("dropped", read.error)
         extra: dict[str, Any] = {"batch": batch_id,
                                  "price_factor": self.cfg.batch_price_factor}
         if item.attempts:
@@ -355,14 +373,15 @@ class BatchTeacher:
         del items[item.cid]
         return [(item.job, item.sample, comp)]
 
-    def _retry(self, items: dict[str, _Item], item: _Item, why: str,
+    def _retry(self, items: dict[str, _Item], item: _Item, kind: ErrorKind, why: str,
                online: list[_Item] | None) -> Result | None:
         """Count a failed attempt: the item goes back to the queue (or online), or ends as an
         error row when its retries are spent."""
         item.attempts += 1
         item.last_error = why
         if item.attempts > self.cfg.max_retries:
-            return self._final(items, item, f"{why} (gave up after {item.attempts} attempts)")
+            return self._final(items, item, kind,
+                               f"{why} (gave up after {item.attempts} attempts)")
         if self.cfg.batch_retry == "online" and online is not None:
             del items[item.cid]
             online.append(item)
@@ -372,11 +391,12 @@ class BatchTeacher:
     def _some(result: Result | None) -> list[Result]:
         return [] if result is None else [result]
 
-    def _final(self, items: dict[str, _Item], item: _Item, why: str) -> Result:
+    def _final(self, items: dict[str, _Item], item: _Item, kind: ErrorKind, why: str
+               ) -> Result:
         items.pop(item.cid, None)
         self._unreserve(item)
-        comp = Completion(error=why, prompt_tokens=item.carried[0],
-                          completion_tokens=item.carried[1])
+        comp = Completion.failed(kind, why, prompt_tokens=item.carried[0],
+                                 completion_tokens=item.carried[1])
         if any(item.carried):
             comp.extra = {"price_factor": self.cfg.batch_price_factor}
         return item.job, item.sample, comp
@@ -388,7 +408,7 @@ class BatchTeacher:
     def _no_logprobs(self) -> None:
         self.logprobs_missing += 1
         if self.require_logprobs and self._fatal is None:
-            self._fatal = NO_LOGPROBS
+            self._fatal = ("missing_logprobs", NO_LOGPROBS)
             log.error("batch teacher: %s; submitting nothing more", NO_LOGPROBS)
         elif not self.require_logprobs and self.logprobs_missing == 1:
             log.warning("batch teacher: %s", NO_LOGPROBS)

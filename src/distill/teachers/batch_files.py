@@ -119,7 +119,8 @@ def parse_output_line(raw: bytes | str) -> tuple[str | None, int | None, Any, st
         return None, None, None, "malformed output line"
     cid = line.get("custom_id")
     cid = cid if isinstance(cid, str) else None
-    resp = line.get("response") if isinstance(line.get("response"), dict) else {}
+    raw_resp = line.get("response")
+    resp: dict[str, Any] = raw_resp if isinstance(raw_resp, dict) else {}
     status = resp.get("status_code")
     status = status if isinstance(status, int) else None
     body = resp.get("body")

@@ -3,6 +3,9 @@
 Keyed by a hash of (backend, model, messages, params, sample index), so a rerun after a crash (even
 kill -9) sends only what is missing, and a changed prompt or temperature never reuses old answers.
 Secrets are never part of a key or a value.
+
+Use it as a context manager (`with ResponseCache(path) as cache:`): the database is closed
+however the block ends.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from distill.teachers.base import Completion, SamplingParams
 
@@ -57,8 +61,8 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         """Cache what the server delivered (and billed): successes, and responses dropped by
-        policy ("dropped: finish_reason=..."). Transient errors are retried on the next run."""
-        if completion.error and not completion.error.startswith("dropped:"):
+        policy (`error_kind` "dropped"). Transient errors are retried on the next run."""
+        if completion.error and completion.error_kind != "dropped":
             return
         value: dict[str, Any] = completion.to_json()
         with self._lock:
@@ -72,5 +76,13 @@ class ResponseCache:
             return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
+        """Close the database (again: a no-op)."""
         with self._lock:
             self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from distill.teachers.base import Completion, Job, completion_cost
+from distill.teachers.base import Completion, Job, Teacher, completion_cost
 from distill.teachers.cache import ResponseCache, cache_key
 
 
@@ -39,6 +39,14 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "notes"} | {"notes": self.notes}
+
+    def add(self, other: EngineStats) -> None:
+        """Count `other` (another run of the same stage) in as well."""
+        for k in ("requested", "cached", "sent", "failed", "prompt_tokens", "completion_tokens"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.cost_usd += other.cost_usd
+        self.budget_stopped |= other.budget_stopped
+        self.notes += other.notes
 
 
 PROGRESS_EVERY_S = 0.1
@@ -58,7 +66,7 @@ def make_progress(transient: bool = False) -> Progress:
     )
 
 
-def progress_info(stats: EngineStats, teacher: Any, started: float) -> str:
+def progress_info(stats: EngineStats, teacher: Teacher, started: float) -> str:
     """One status line: done, failed, in flight (backends that know), tokens, $, rate."""
     elapsed = max(time.perf_counter() - started, 1e-9)
     in_flight = getattr(teacher, "in_flight", None)
@@ -73,7 +81,7 @@ def lacks_logprobs(job: Job, comp: Completion) -> bool:
 
 
 def run_jobs(
-    teacher: Any,
+    teacher: Teacher,
     jobs: Sequence[Job],
     cache: ResponseCache | None,
     *,
@@ -96,7 +104,7 @@ def run_jobs(
 
 
 async def arun_jobs(
-    teacher: Any,
+    teacher: Teacher,
     jobs: Sequence[Job],
     cache: ResponseCache | None,
     *,
@@ -109,11 +117,10 @@ async def arun_jobs(
     stats = EngineStats()
     results: dict[tuple[str, int], Completion] = {}
     keys: dict[tuple[str, int], str] = {}
-    model_id = getattr(teacher, "model_id", getattr(teacher, "model", ""))
     for job in jobs:
         for s in job.samples:
-            keys[(job.key, s)] = cache_key(teacher.backend, model_id, job.messages, job.params, s,
-                                           job.response_format)
+            keys[(job.key, s)] = cache_key(teacher.backend, teacher.model_id, job.messages,
+                                           job.params, s, job.response_format)
     stats.requested = len(keys)
     hits = cache.get_many(list(keys.values())) if cache else {}
     todo: list[Job] = []
@@ -147,7 +154,7 @@ async def arun_jobs(
                 stats.prompt_tokens += comp.prompt_tokens
                 stats.completion_tokens += comp.completion_tokens
                 stats.cost_usd += completion_cost(comp, price_in, price_out)
-                if comp.error and "budget" in comp.error:
+                if comp.error_kind == "budget":
                     stats.budget_stopped = True
                 now = time.perf_counter()
                 if now - shown >= PROGRESS_EVERY_S:  # the bar redraws 10x/s at most anyway

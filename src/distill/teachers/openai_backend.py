@@ -9,7 +9,8 @@ owns the retry policy, because a generation run needs more than "retry a few tim
   jitter and fail over to another replica when `base_url` is a list;
 - `finish_reason` "length" / "content_filter" follow `on_length` / `on_content_filter`;
 - `max_cost_usd` is never crossed: each request reserves its worst case before it is sent;
-- every sample ends as a `Completion`: text, or `error` saying why. Nothing is raised.
+- every sample ends as a `Completion`: text, or `error` saying why (and `error_kind`, what
+  kind of failure). Nothing is raised.
 
 What a server silently ignores (as `transformers serve` does with `n`, `logprobs` and
 `top_logprobs`, answering 200 all the same) is noticed where the response shows it: fewer choices
@@ -21,25 +22,23 @@ requests after the first responses, so little is spent before the caller reports
 
 The API key is read from the environment variable `api_key_env` names, handed to the SDK
 client and never kept on this object, written to a file or put in an error message.
+
+This module is the scheduling: workers, retries, budget, replicas. One request's body, its
+response and what a failure means are `openai_wire`; the HTTP clients are `openai_client`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
-from urllib.parse import urlparse
-
-import orjson
+from typing import Any
 
 from distill.config import ConfigError, TeacherConfig
-from distill.teachers.base import Completion, Job
+from distill.teachers.base import BatchItem, Completion, ErrorKind, Job, Result, stream_batch
 from distill.teachers.estimate import estimate_prompt_tokens
 from distill.teachers.limits import (
     Budget,
@@ -48,10 +47,31 @@ from distill.teachers.limits import (
     StormDetector,
     TokenBucket,
     backoff_delay,
-    parse_retry_after,
+)
+from distill.teachers.openai_client import (
+    base_urls,
+    direct_client,
+    open_replicas,
+    probe,
+    read_api_key,
+    scrub,
+    send,
+)
+from distill.teachers.openai_wire import (
+    Adapt,
+    Failure,
+    Fatal,
+    RateLimited,
+    Retry,
+    billed,
+    classify,
+    parse_body,
+    request_kwargs,
 )
 from distill.teachers.replicas import Replica, ReplicaPool
 from distill.teachers.responses import (
+    NO_LOGPROBS,
+    Choice,
     estimate_choice_tokens,
     read_choice,
     retry_note,
@@ -59,49 +79,9 @@ from distill.teachers.responses import (
     split,
 )
 
+__all__ = ["NO_LOGPROBS", "OpenAITeacher", "base_urls", "direct_client", "read_api_key"]
+
 log = logging.getLogger(__name__)
-
-NO_LOGPROBS = ("teacher.top_logprobs: the server returned no logprobs (it ignores `logprobs` / "
-               "`top_logprobs`), so these completions carry no soft targets")
-
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-LOCAL_DUMMY_KEY = "EMPTY"
-_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "host.docker.internal"}
-_RETRYABLE_STATUS = {408, 409, 425}
-
-
-def base_urls(base_url: str | list[str] | None) -> list[str]:
-    urls = [base_url] if isinstance(base_url, str) else list(base_url or [])
-    urls = [u.rstrip("/") for u in urls if u and u.strip()]
-    return urls or [DEFAULT_BASE_URL]
-
-
-def is_local(url: str) -> bool:
-    host = (urlparse(url).hostname or "").lower()
-    return host in _LOCAL_HOSTS or host.startswith("127.") or host.endswith(".localhost")
-
-
-def read_api_key(cfg: TeacherConfig, urls: list[str]) -> str:
-    """The key from the environment, a dummy for local servers, or a ConfigError naming the var."""
-    name = cfg.api_key_env
-    key = os.environ.get(name) if name else None
-    if key:
-        return key
-    if name is None or all(is_local(u) for u in urls):
-        return LOCAL_DUMMY_KEY
-    raise ConfigError(f"teacher.api_key_env: environment variable {name} is not set "
-                      f"(needed for {urlparse(urls[0]).hostname})")
-
-
-def direct_client(name: str) -> Any:
-    """The bare HTTP client class `teacher.http_client` names (`direct`: the default one)."""
-    if name == "httpx":
-        from distill.teachers.direct_http import DirectClient
-
-        return DirectClient
-    from distill.teachers.direct_aiohttp import AiohttpClient
-
-    return AiohttpClient
 
 
 @dataclass
@@ -117,8 +97,13 @@ class _Unit:
     carried: dict[int, list[int]] = field(default_factory=dict)
     """Tokens billed for discarded choices, per sample: added to the sample's final counts."""
     last_error: str = "no attempt made"
+    last_kind: ErrorKind = "other"
+    """The kind of `last_error`: what the samples end as when the retries run out."""
     done: list[tuple[int, Completion]] = field(default_factory=list)
     """Finished samples not yet handed to the stream."""
+
+    def failed(self, kind: ErrorKind, why: str) -> None:
+        self.last_error, self.last_kind = why, kind
 
 
 @dataclass
@@ -127,35 +112,6 @@ class _Board:
 
     active: int = 0
     news: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class _Retry(Exception):
-    """A transport or server failure worth another attempt."""
-
-    def __init__(self, why: str, *, retry_after: float | None = None) -> None:
-        super().__init__(why)
-        self.why = why
-        self.retry_after = retry_after
-
-
-class _RateLimited(Exception):
-    def __init__(self, why: str, retry_after: float | None) -> None:
-        super().__init__(why)
-        self.why = why
-        self.retry_after = retry_after
-
-
-class _Fatal(Exception):
-    """A failure retrying cannot fix (bad request). `global_` ones stop the whole run."""
-
-    def __init__(self, why: str, *, global_: bool = False) -> None:
-        super().__init__(why)
-        self.why = why
-        self.global_ = global_
-
-
-class _Adapt(Exception):
-    """The server rejected a request shape we can change (n > 1, max_tokens): resend."""
 
 
 class OpenAITeacher:
@@ -171,7 +127,6 @@ class OpenAITeacher:
             raise ConfigError("teacher.model: empty; expected the model name the server serves")
         self.cfg = cfg
         self.model_id = cfg.model
-        self.model = cfg.model
         self.urls = base_urls(cfg.base_url)
         read_api_key(cfg, self.urls)  # fail early on a missing key; the value is not kept
         self.backoff_base_s = backoff_base_s
@@ -197,7 +152,8 @@ class OpenAITeacher:
         self.max_tokens_field = "max_tokens"
         self._direct = cfg.http_client != "sdk"
         self._prompt_ratio = 1.0
-        self._fatal: str | None = None
+        self._fatal: tuple[ErrorKind, str] | None = None
+        """Why nothing more is sent in this `stream` (a bad key, no quota, no logprobs)."""
         self._pool: ReplicaPool | None = None
         self._sem: asyncio.Semaphore | None = None
         self._rpm: TokenBucket | None = None
@@ -217,30 +173,11 @@ class OpenAITeacher:
 
     # clients live on the event loop of one `stream` call ----------------------------------------
     def _open(self) -> None:
-        import httpx2
-        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
-
         cfg = self.cfg
         self._loop = asyncio.get_running_loop()
         self._fatal = None
-        key = read_api_key(cfg, self.urls)
-        timeout = httpx2.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 10.0))
-        limits = httpx2.Limits(max_connections=cfg.max_concurrency * 2 + 8,
-                               max_keepalive_connections=cfg.max_concurrency + 8)
-        if self._direct:
-            client_cls = direct_client(cfg.http_client)
-            replicas = [Replica(url=url, client=client_cls(url, key, timeout=timeout,
-                                                           limits=limits))
-                        for url in self.urls]
-        else:
-            replicas = [
-                Replica(url=url, client=AsyncOpenAI(
-                    base_url=url, api_key=key, max_retries=0, timeout=timeout,
-                    http_client=DefaultAsyncHttpxClient(timeout=timeout, limits=limits)))
-                for url in self.urls
-            ]
-        del key
-        self._pool = ReplicaPool(replicas, max_failures=self.replica_max_failures,
+        self._pool = ReplicaPool(open_replicas(cfg, self.urls),
+                                 max_failures=self.replica_max_failures,
                                  cooldown_s=self.replica_cooldown_s, probe=self._probe,
                                  max_wait_s=min(cfg.timeout_s, 30.0))
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
@@ -261,20 +198,16 @@ class OpenAITeacher:
                 log.debug("closing client for %s: %s", r.url, type(err).__name__)
 
     async def _probe(self, replica: Replica) -> bool:
-        if self._direct:
-            await replica.client.probe(min(5.0, self.cfg.timeout_s))
-        else:
-            await replica.client.models.list(timeout=min(5.0, self.cfg.timeout_s))
-        return True
+        return await probe(replica, direct=self._direct, timeout_s=self.cfg.timeout_s)
 
     # the protocol ---------------------------------------------------------------------------
-    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, int, Completion]]:
+    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[Result]:
         queue: deque[_Unit] = deque(_Unit(job, list(job.samples)) for job in jobs if job.samples)
         if not queue:
             return
         if self._pool is None or self._loop is not asyncio.get_running_loop():
             self._open()
-        out: asyncio.Queue[tuple[Job, int, Completion] | None] = asyncio.Queue()
+        out: asyncio.Queue[Result | None] = asyncio.Queue()
         # Twice the concurrency in workers: a worker sleeping out a backoff holds no slot.
         # Sized by samples, not prompts: a server without n > 1 turns each sample into a unit.
         n_workers = min(sum(len(u.samples) for u in queue), 2 * self.cfg.max_concurrency)
@@ -293,8 +226,10 @@ class OpenAITeacher:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _worker(self, queue: deque[_Unit],
-                      out: asyncio.Queue[tuple[Job, int, Completion] | None],
+    def generate_batch(self, batch: Sequence[BatchItem]) -> list[Completion]:
+        return stream_batch(self, batch)
+
+    async def _worker(self, queue: deque[_Unit], out: asyncio.Queue[Result | None],
                       board: _Board) -> None:
         try:
             while True:
@@ -317,7 +252,7 @@ class OpenAITeacher:
                     await self._complete(unit)
                 except Exception as err:  # noqa: BLE001 - a bug must not lose rows
                     log.exception("openai teacher: unexpected error")
-                    self._fail(unit, f"internal error: {err!r}")
+                    self._fail(unit, "internal", f"internal error: {err!r}")
                 finally:
                     board.active -= 1
                     for s, comp in unit.done:
@@ -336,13 +271,13 @@ class OpenAITeacher:
         avoid: Replica | None = None
         while unit.samples:
             if self._fatal:
-                return self._fail(unit, f"not sent: {self._fatal}")
+                return self._fail(unit, self._fatal[0], f"not sent: {self._fatal[1]}")
             if unit.attempts > cfg.max_retries:
-                return self._fail(
-                    unit, f"{unit.last_error} (gave up after {unit.attempts} attempts)")
+                return self._fail(unit, unit.last_kind,
+                                  f"{unit.last_error} (gave up after {unit.attempts} attempts)")
             if unit.rate_limited > self.max_rate_limit_retries:
-                return self._fail(
-                    unit, f"{unit.last_error} (gave up after {unit.rate_limited} rate limits)")
+                return self._fail(unit, "rate_limit", f"{unit.last_error} "
+                                  f"(gave up after {unit.rate_limited} rate limits)")
             if len(unit.samples) > 1 and not self.n_supported:
                 return
             batch = list(unit.samples)
@@ -351,7 +286,7 @@ class OpenAITeacher:
             try:
                 reserved = await self.budget.reserve(est_prompt, est_out)
             except BudgetExhausted:
-                return self._fail(unit, self.budget.message())
+                return self._fail(unit, "budget", self.budget.message())
             if self._tpm is not None:
                 await self._tpm.acquire(est_prompt + est_out)
             if self._rpm is not None:
@@ -361,21 +296,23 @@ class OpenAITeacher:
             try:
                 body, latency = await self._send(unit, batch, avoid)
                 avoid = None
-                usage = self._billed(body, unit, batch)
+                prompt, completion, self._prompt_ratio = billed(body, unit.job,
+                                                                self._prompt_ratio)
+                usage = (prompt, completion)
                 self._accept(unit, batch, body, latency, usage)
-            except _Adapt:
+            except Adapt:
                 pass
-            except _RateLimited as err:
+            except RateLimited as err:
                 unit.rate_limited += 1
-                unit.last_error = err.why
+                unit.failed("rate_limit", err.why)
                 await self._after_rate_limit(unit, err)
-            except _Retry as err:
+            except Retry as err:
                 unit.attempts += 1
-                unit.last_error = err.why
+                unit.failed(err.kind, err.why)
                 self.counters["retries"] += 1
-                if isinstance(err.__cause__, _FailedOn) and self._pool is not None \
+                if err.replica is not None and self._pool is not None \
                         and len(self._pool.healthy()) > 1:
-                    avoid = err.__cause__.replica
+                    avoid = err.replica
                     self.counters["failovers"] += 1
                 else:
                     delay = backoff_delay(unit.attempts - 1, base=self.backoff_base_s,
@@ -383,26 +320,26 @@ class OpenAITeacher:
                     if err.retry_after is not None:
                         delay = max(delay, min(err.retry_after, self.max_retry_after_s))
                     await asyncio.sleep(delay)
-            except _Fatal as err:
+            except Fatal as err:
                 if err.global_:
-                    self._fatal = err.why
+                    self._fatal = (err.kind, err.why)
                     log.error("openai teacher: %s; stopping new requests", err.why)
-                return self._fail(unit, err.why)
+                return self._fail(unit, err.kind, err.why)
             finally:
                 await self.budget.settle(reserved, *usage)
                 if self._tpm is not None:
                     self._tpm.refund(max(0, est_prompt + est_out - sum(usage)))
 
-    def _fail(self, unit: _Unit, why: str) -> None:
+    def _fail(self, unit: _Unit, kind: ErrorKind, why: str) -> None:
         """Error rows for every pending sample, carrying the tokens their attempts were billed."""
-        why = self._scrub(why)
+        why = scrub(self.cfg, why)
         for s in unit.samples:
-            billed = unit.carried.get(s, [0, 0])
-            unit.done.append((s, Completion(error=why, prompt_tokens=billed[0],
-                                            completion_tokens=billed[1])))
+            billed_tokens = unit.carried.get(s, [0, 0])
+            unit.done.append((s, Completion.failed(kind, why, prompt_tokens=billed_tokens[0],
+                                                   completion_tokens=billed_tokens[1])))
         unit.samples = []
 
-    async def _after_rate_limit(self, unit: _Unit, err: _RateLimited) -> None:
+    async def _after_rate_limit(self, unit: _Unit, err: RateLimited) -> None:
         self.counters["rate_limited"] += 1
         delay = err.retry_after
         if delay is None:
@@ -425,135 +362,51 @@ class OpenAITeacher:
             # this worker queued for it.
             await self.gate.wait()
             if self._fatal:
-                raise _Fatal(f"not sent: {self._fatal}")
+                raise Fatal(self._fatal[0], f"not sent: {self._fatal[1]}")
             if len(batch) > 1 and not self.n_supported:
-                raise _Adapt  # learned while queued: go back and split
+                raise Adapt  # learned while queued: go back and split
             replica = await self._pool.acquire(avoid)
-            kwargs = self._request(unit, batch)
+            kwargs = request_kwargs(self.cfg.model, unit.job, batch, reseed=unit.reseed,
+                                    max_tokens_field=self.max_tokens_field,
+                                    extra_body=self.cfg.extra_body)
             self.counters["requests"] += 1
             t0 = time.perf_counter()
             try:
-                if self._direct:
-                    content = await replica.client.chat(kwargs)
-                else:
-                    raw = await replica.client.chat.completions.with_raw_response.create(
-                        **kwargs)
-                    content = raw.content
-            except Exception as err:  # noqa: BLE001 - classified below
-                self._classify(err, replica, kwargs)
+                content = await send(replica, kwargs, direct=self._direct)
+            except Exception as err:  # noqa: BLE001 - classified
+                raise self._verdict(replica, classify(
+                    err, kwargs, timeout_s=self.cfg.timeout_s, solo=len(self._pool) == 1)
+                ) from None
             finally:
                 self._pool.release(replica)
         latency = time.perf_counter() - t0
-        return self._parse(replica, content), latency
-
-    def _request(self, unit: _Unit, batch: list[int]) -> dict[str, Any]:
-        params = unit.job.params
-        kwargs: dict[str, Any] = {
-            "model": self.cfg.model,
-            "messages": unit.job.messages,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            self.max_tokens_field: params.max_tokens,
-            # Distinct seeds per sample: one-sample requests must not all return the same text.
-            "seed": params.seed + batch[0] + 7919 * unit.reseed,
-        }
-        if len(batch) > 1:
-            kwargs["n"] = len(batch)
-        if params.top_logprobs > 0:
-            kwargs["logprobs"] = True
-            kwargs["top_logprobs"] = params.top_logprobs
-        if unit.job.response_format is not None:
-            kwargs["response_format"] = unit.job.response_format
-        if self.cfg.extra_body:
-            kwargs["extra_body"] = self.cfg.extra_body
-        return kwargs
-
-    def _parse(self, replica: Replica, content: bytes) -> dict[str, Any]:
-        assert self._pool is not None
         try:
-            body = orjson.loads(content)
-        except ValueError:
-            self.counters["malformed"] += 1
-            self._pool.failure(replica, "malformed JSON")
-            raise _Retry(f"malformed response: not JSON ({content[:80]!r})") \
-                from _FailedOn(replica)
-        if not isinstance(body, dict):
-            self.counters["malformed"] += 1
-            self._pool.failure(replica, "malformed JSON")
-            raise _Retry("malformed response: not a JSON object") from _FailedOn(replica)
-        if "error" in body and not body.get("choices"):
-            self._pool.failure(replica, "error body")
-            raise _Retry(f"server error: {_error_text(body)}") from _FailedOn(replica)
-        choices = body.get("choices")
-        if not isinstance(choices, list) or not choices:
-            self.counters["empty"] += 1
-            self._pool.failure(replica, "no choices")
-            raise _Retry("empty response: no choices") from _FailedOn(replica)
+            body = parse_body(content)
+        except Retry as err:
+            raise self._verdict(replica, err) from None
         self._pool.success(replica)
-        return body
+        return body, latency
 
-    def _classify(self, err: Exception, replica: Replica, kwargs: dict[str, Any]) -> NoReturn:
-        """Turn an SDK exception into _Retry / _RateLimited / _Fatal / _Adapt (always raises)."""
-        import openai
-
+    def _verdict(self, replica: Replica, failure: Failure) -> Failure:
+        """Apply what a failed request on `replica` teaches (replica health, counters, the
+        request shape); returns `failure` for the caller to raise."""
         assert self._pool is not None
-        pool, solo = self._pool, len(self._pool) == 1
-        if isinstance(err, openai.APITimeoutError):
-            self.counters["timeouts"] += 1
-            pool.failure(replica, "timeout")
-            raise _Retry(f"timeout after {self.cfg.timeout_s:g}s") from _FailedOn(replica)
-        if isinstance(err, openai.APIConnectionError):
-            self.counters["connection_errors"] += 1
-            pool.failure(replica, "connection error")
-            cause = err.__cause__
-            detail = f" ({type(cause).__name__})" if cause is not None else ""
-            raise _Retry(f"connection error{detail}") from _FailedOn(replica)
-        if not isinstance(err, openai.APIStatusError):
-            pool.failure(replica, type(err).__name__)
-            raise _Retry(f"{type(err).__name__}: {err}") from _FailedOn(replica)
-        status, text = err.status_code, _error_text(err.body) or str(err.message)
-        why = f"HTTP {status}: {text}"[:300]
-        if status == 429:
-            if (err.code or "") == "insufficient_quota" or "quota" in (err.type or ""):
-                raise _Fatal(why, global_=True)
-            pool.success(replica)  # the replica is fine, the account is busy
-            raise _RateLimited(why, parse_retry_after(err.response.headers))
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            self.counters["server_errors"] += 1
-            pool.failure(replica, f"HTTP {status}")
-            # An overloaded server may say when to come back (503 + Retry-After).
-            raise _Retry(why, retry_after=parse_retry_after(err.response.headers)) \
-                from _FailedOn(replica)
-        if status == 400 and kwargs.get("n", 1) > 1 and _about_n(err, text):
-            # Requests already in flight with n > 1 land here too: each just resends.
+        if isinstance(failure, Retry):
+            if failure.counter:
+                self.counters[failure.counter] += 1
+            self._pool.failure(replica, failure.label)
+            failure.replica = replica
+        elif isinstance(failure, RateLimited):
+            self._pool.success(replica)  # the replica is fine, the account is busy
+        elif isinstance(failure, Adapt) and failure.change == "no_n":
             if self.n_supported:
                 log.warning("openai teacher: server rejects n > 1; one request per sample")
             self.n_supported = False
-            raise _Adapt
-        if status == 400 and "max_tokens" in kwargs and "max_completion_tokens" in text:
+        elif isinstance(failure, Adapt) and failure.change == "max_completion_tokens":
             self.max_tokens_field = "max_completion_tokens"
-            raise _Adapt
-        if status in (401, 403, 404) and not solo:
-            pool.failure(replica, f"HTTP {status}")
-            raise _Retry(why) from _FailedOn(replica)
-        raise _Fatal(why, global_=status in (401, 404))
+        return failure
 
     # turning a body into completions ---------------------------------------------------------
-    def _billed(self, body: dict[str, Any], unit: _Unit, batch: list[int]) -> tuple[int, int]:
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-        est_prompt = estimate_prompt_tokens(unit.job.messages)
-        if usage and isinstance(usage.get("prompt_tokens"), int):
-            prompt = int(usage["prompt_tokens"])
-            if est_prompt > 0:  # learn how far off the chars/4 guess is for this model
-                self._prompt_ratio = max(1.0, 0.9 * self._prompt_ratio + 0.1 * prompt / est_prompt)
-        else:
-            prompt = est_prompt
-        if usage and isinstance(usage.get("completion_tokens"), int):
-            completion = int(usage["completion_tokens"])
-        else:
-            completion = sum(estimate_choice_tokens(c) for c in body.get("choices") or [])
-        return prompt, completion
-
     def _accept(self, unit: _Unit, batch: list[int], body: dict[str, Any], latency: float,
                 usage: tuple[int, int]) -> None:
         cfg = self.cfg
@@ -564,7 +417,7 @@ class OpenAITeacher:
         prompt_split = split(usage[0], [1] * len(choices))
         completion_split = split(usage[1], [estimate_choice_tokens(c) for c in choices])
         done: list[tuple[int, Completion]] = []
-        retry_reason: str | None = None
+        retry: Choice | None = None
         served = served_model(body)
         for sample, choice, p_tok, c_tok in zip(batch, choices, prompt_split, completion_split,
                                                 strict=False):
@@ -572,16 +425,16 @@ class OpenAITeacher:
             carried = unit.carried.setdefault(sample, [0, 0])
             carried[0] += p_tok
             carried[1] += c_tok
-            if read.why == "empty content":
+            if read.kind == "empty":
                 self.counters["empty"] += 1
             if read.policy == "retry":
-                retry_reason = read.why
+                retry = read
                 continue
             comp = Completion(text=read.text, reasoning=read.reasoning,
                               finish_reason=read.finish_reason, prompt_tokens=carried[0],
                               completion_tokens=carried[1], latency_s=latency)
             if read.policy == "drop":
-                comp.error = f"dropped: finish_reason={read.why}"
+                comp.fail("dropped", read.error)
             if unit.job.params.top_logprobs > 0:
                 comp.top_logprobs = read.top_logprobs
                 if comp.top_logprobs is None:
@@ -599,10 +452,10 @@ class OpenAITeacher:
             done.append((sample, comp))
         finished = {s for s, _ in done}
         unit.samples = [s for s in unit.samples if s not in finished]
-        if unit.samples and retry_reason:
+        if unit.samples and retry is not None:
             unit.attempts += 1
             unit.reseed += 1
-            unit.last_error = retry_note(retry_reason)
+            unit.failed(retry.kind or "other", retry_note(retry))
         elif unit.samples:
             # Fewer usable choices than asked. When each one became a sample that is progress,
             # not a failed attempt (so a server that ignores n loses no sample, whatever
@@ -610,7 +463,7 @@ class OpenAITeacher:
             # choice for n > 1 is a server that ignores n: one request per sample from now on.
             if not done:
                 unit.attempts += 1
-            unit.last_error = f"server returned {len(choices)} of {len(batch)} choices"
+            unit.failed("empty", f"server returned {len(choices)} of {len(batch)} choices")
             if len(batch) > 1 and len(choices) == 1:
                 self._n_ignored()
         unit.done += done
@@ -625,38 +478,8 @@ class OpenAITeacher:
         """A completion came back without the logprobs asked for: warn once, or stop sending."""
         self.logprobs_missing += 1
         if self.require_logprobs and self._fatal is None:
-            self._fatal = NO_LOGPROBS  # per `stream`: a later call on this teacher stops too
+            # per `stream`: a later call on this teacher stops too
+            self._fatal = ("missing_logprobs", NO_LOGPROBS)
             log.error("openai teacher: %s; stopping new requests", NO_LOGPROBS)
         elif not self.require_logprobs and self.logprobs_missing == 1:
             log.warning("openai teacher: %s", NO_LOGPROBS)
-
-    def _scrub(self, text: str) -> str:
-        """Error text never carries the key, even when a server echoes it back."""
-        name = self.cfg.api_key_env
-        key = os.environ.get(name) if name else None
-        if key and len(key) >= 6:
-            text = text.replace(key, "***")
-        return text
-
-
-class _FailedOn(Exception):
-    """Chained under a _Retry: which replica failed, so the retry can go elsewhere."""
-
-    def __init__(self, replica: Replica) -> None:
-        super().__init__(replica.url)
-        self.replica = replica
-
-
-def _error_text(body: Any) -> str:
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            return str(inner.get("message") or inner)[:240]
-        return str(inner)[:240]
-    return str(body)[:240] if body else ""
-
-
-def _about_n(err: Any, text: str) -> bool:
-    if getattr(err, "param", None) == "n":
-        return True
-    return bool(re.search(r"(^|[^\w])['\"`]?n['\"`]?\s*(>|must|should|=|is|not|only)", text))

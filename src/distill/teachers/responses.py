@@ -12,10 +12,15 @@ from typing import Any, Literal
 
 from distill.config import TeacherConfig
 from distill.teachers import structured
-from distill.teachers.base import Job
+from distill.teachers.base import ErrorKind, Job, TopLogprobs
 from distill.teachers.reasoning import normalize_message
 
 Policy = Literal["keep", "drop", "retry"]
+
+NO_LOGPROBS = ("teacher.top_logprobs: the server returned no logprobs (it ignores `logprobs` / "
+               "`top_logprobs`), so these completions carry no soft targets")
+"""The error of the samples not sent once a run that needs soft targets saw none (online and
+Batch API alike; `error_kind` "missing_logprobs")."""
 
 
 @dataclass
@@ -28,42 +33,54 @@ class Choice:
     policy: Policy
     why: str | None
     """Why it is dropped or retried (None when kept)."""
+    kind: ErrorKind | None = None
+    """The kind of failure `why` is (None when kept)."""
     parsed: Any = None
     """The validated JSON value, when the job asks for a structured response."""
-    top_logprobs: list[list[tuple[int | str, float]]] | None = None
+    top_logprobs: TopLogprobs | None = None
+
+    @property
+    def error(self) -> str:
+        """The error of a dropped choice."""
+        return f"dropped: finish_reason={self.why}"
 
 
 def read_choice(cfg: TeacherConfig, job: Job, choice: dict[str, Any]) -> Choice:
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    raw = choice.get("message")
+    message: dict[str, Any] = raw if isinstance(raw, dict) else {}
     reasoning, text = normalize_message(message)
     finish = choice.get("finish_reason")
     finish = finish if isinstance(finish, str) else None
     policy: Policy = "keep"
     why: str | None = None
+    kind: ErrorKind | None = None
     parsed: Any = None
     if finish == "length":
-        policy, why = cfg.on_length, f"length (max_tokens={job.params.max_tokens})"
+        policy, why, kind = cfg.on_length, f"length (max_tokens={job.params.max_tokens})", "length"
     elif finish == "content_filter":
-        policy, why = cfg.on_content_filter, "content_filter"
+        policy, why, kind = cfg.on_content_filter, "content_filter", "content_filter"
     elif not text.strip():
-        policy, why = "retry", "empty content"
+        policy, why, kind = "retry", "empty content", "empty"
     if job.response_format is not None and policy != "drop" and text.strip():
         parsed, invalid = structured.validate(text, job.response_format)
         if invalid is not None:
             # A truncated answer is never valid JSON: say so rather than "length".
-            policy, why = "retry", invalid + (" (cut by max_tokens)" if finish == "length" else "")
+            policy, kind = "retry", "invalid_output"
+            why = invalid + (" (cut by max_tokens)" if finish == "length" else "")
         elif policy == "retry" and finish == "length":
-            policy, why = "keep", None  # complete, valid JSON that just hit the limit
+            policy, why, kind = "keep", None, None  # complete, valid JSON that hit the limit
+    if policy != "retry":
+        kind = "dropped" if policy == "drop" else None
     lp = top_logprobs(choice) if job.params.top_logprobs > 0 else None
     return Choice(text=text, reasoning=reasoning, finish_reason=finish, policy=policy, why=why,
-                  parsed=parsed, top_logprobs=lp)
+                  kind=kind, parsed=parsed, top_logprobs=lp)
 
 
-def retry_note(why: str | None) -> str:
+def retry_note(read: Choice) -> str:
     """`last_error` for a content retry."""
-    if why is None or why == "empty content" or why.startswith(("invalid JSON", "schema")):
-        return why or "empty content"
-    return f"finish_reason={why}"
+    if read.kind in ("length", "content_filter"):
+        return f"finish_reason={read.why}"
+    return read.why or "empty content"
 
 
 def served_model(body: dict[str, Any]) -> str | None:
@@ -78,7 +95,9 @@ def estimate_choice_tokens(choice: Any) -> int:
     logprobs = choice.get("logprobs")
     if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
         return max(1, len(logprobs["content"]))
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return 1
     chars = sum(len(v) for k in ("content", "reasoning_content", "reasoning")
                 if isinstance(v := message.get(k), str))
     return max(1, chars // 4)
@@ -96,12 +115,12 @@ def split(total: int, weights: list[int]) -> list[int]:
     return parts
 
 
-def top_logprobs(choice: dict[str, Any]) -> list[list[tuple[int | str, float]]] | None:
+def top_logprobs(choice: dict[str, Any]) -> TopLogprobs | None:
     logprobs = choice.get("logprobs")
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not isinstance(content, list):
         return None
-    steps: list[list[tuple[int | str, float]]] = []
+    steps: TopLogprobs = []
     for tok in content:
         if not isinstance(tok, dict):
             continue

@@ -96,7 +96,7 @@ def validate(text: str, fmt: dict[str, Any]) -> tuple[Any, str | None]:
         stripped = re.sub(r"^```(?:json)?\s*|\s*```$", "", stripped)
     try:
         value = json.loads(stripped)
-    except ValueError as err:
+    except json.JSONDecodeError as err:
         return None, f"invalid JSON ({err.msg} at char {err.pos})"
     schema = (fmt.get("json_schema") or {}).get("schema")
     if isinstance(schema, dict):

@@ -14,7 +14,7 @@ from typing import Any
 
 from distill.chat_template import render_chat
 from distill.config import ConfigError, TeacherConfig
-from distill.teachers.base import Completion, Job, SamplingParams
+from distill.teachers.base import BatchItem, Completion, Job, Result, SamplingParams, TopLogprobs
 
 __all__ = ["TransformersTeacher", "load_causal_lm", "render_chat"]
 
@@ -29,7 +29,9 @@ def load_causal_lm(name: str, *, trust_remote_code: bool = False, dtype: str = "
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+    # Any: the auto class resolves the architecture at run time, and its decorated `.to` does
+    # not type-check as a bound method.
+    model: Any = AutoModelForCausalLM.from_pretrained(
         name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     if device == "auto":
@@ -70,17 +72,17 @@ class TransformersTeacher:
                 dtype=self.cfg.dtype, device=self.cfg.device,
             )
 
-    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, int, Completion]]:
-        by_params: dict[SamplingParams, list[tuple[Job, int]]] = defaultdict(list)
+    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[Result]:
+        by_params: dict[SamplingParams, list[BatchItem]] = defaultdict(list)
         for job in jobs:
             for s in job.samples:
                 by_params[job.params].append((job, s))
-        batches: list[tuple[list[tuple[Job, int]], SamplingParams]] = []
-        for params, items in by_params.items():
+        batches: list[list[BatchItem]] = []
+        for items in by_params.values():
             # Sort by prompt length so a batch wastes little padding.
             items.sort(key=lambda it: len(str(it[0].messages)))
             bs = self.cfg.batch_size
-            batches += [(items[i : i + bs], params) for i in range(0, len(items), bs)]
+            batches += [items[i : i + bs] for i in range(0, len(items), bs)]
         if self.cfg.workers > 1 and self.model is None:
             gen = self._stream_workers(batches)
         else:
@@ -89,28 +91,26 @@ class TransformersTeacher:
         async for out in gen:
             yield out
 
-    async def _stream_local(self, batches: list[tuple[list[tuple[Job, int]], SamplingParams]]
-                            ) -> AsyncIterator[tuple[Job, int, Completion]]:
-        for batch, params in batches:
+    async def _stream_local(self, batches: list[list[BatchItem]]) -> AsyncIterator[Result]:
+        for batch in batches:
             try:
-                outs = await asyncio.to_thread(self._generate, batch, params)
+                outs = await asyncio.to_thread(self.generate_batch, batch)
             except Exception as err:  # noqa: BLE001 - a failed batch becomes error rows
                 outs = _failed(batch, err)
             for (job, s), comp in zip(batch, outs, strict=True):
                 yield job, s, comp
 
-    async def _stream_workers(self, batches: list[tuple[list[tuple[Job, int]], SamplingParams]]
-                              ) -> AsyncIterator[tuple[Job, int, Completion]]:
+    async def _stream_workers(self, batches: list[list[BatchItem]]) -> AsyncIterator[Result]:
         """Batches spread over `workers` processes, two in flight per worker so none idles;
         results come back as batches finish. Each batch is seeded by its own first job, so the
         text does not depend on which worker ran it."""
         loop = asyncio.get_running_loop()
         pool = self._worker_pool()
-        pending: dict[asyncio.Future[Any], list[tuple[Job, int]]] = {}
+        pending: dict[asyncio.Future[Any], list[BatchItem]] = {}
         todo = iter(batches)
         while True:
-            for batch, params in itertools.islice(todo, 2 * self.cfg.workers - len(pending)):
-                pending[loop.run_in_executor(pool, _worker_generate, batch, params)] = batch
+            for batch in itertools.islice(todo, 2 * self.cfg.workers - len(pending)):
+                pending[loop.run_in_executor(pool, _worker_generate, batch)] = batch
             if not pending:
                 break
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -143,7 +143,20 @@ class TransformersTeacher:
                 initializer=_worker_init, initargs=(one, threads))
         return self._pool
 
-    def _generate(self, batch: list[tuple[Job, int]], params: SamplingParams) -> list[Completion]:
+    def generate_batch(self, batch: Sequence[BatchItem]) -> list[Completion]:
+        """One batched `generate` per sampling parameters in `batch` (one, from `stream`);
+        loads the model on first use. Raises what the model raises."""
+        self._ensure_loaded()
+        by_params: dict[SamplingParams, list[int]] = defaultdict(list)
+        for i, (job, _) in enumerate(batch):
+            by_params[job.params].append(i)
+        out: dict[int, Completion] = {}
+        for params, idx in by_params.items():
+            comps = self._generate([batch[i] for i in idx], params)
+            out.update(zip(idx, comps, strict=True))
+        return [out[i] for i in range(len(batch))]
+
+    def _generate(self, batch: Sequence[BatchItem], params: SamplingParams) -> list[Completion]:
         import torch
 
         tok, model = self.tokenizer, self.model
@@ -209,8 +222,8 @@ class TransformersTeacher:
             self._pool = None
 
 
-def _failed(batch: list[tuple[Job, int]], err: Exception) -> list[Completion]:
-    return [Completion(error=f"{type(err).__name__}: {err}") for _ in batch]
+def _failed(batch: list[BatchItem], err: Exception) -> list[Completion]:
+    return [Completion.failed("backend", f"{type(err).__name__}: {err}") for _ in batch]
 
 
 _WORKER: TransformersTeacher | None = None
@@ -225,9 +238,9 @@ def _worker_init(cfg: TeacherConfig, threads: int) -> None:
     _WORKER._ensure_loaded()
 
 
-def _worker_generate(batch: list[tuple[Job, int]], params: SamplingParams) -> list[Completion]:
+def _worker_generate(batch: list[BatchItem]) -> list[Completion]:
     assert _WORKER is not None, "worker process not initialised"
-    return _WORKER._generate(batch, params)
+    return _WORKER.generate_batch(batch)
 
 
 def _as_list(x: Any) -> list[int]:
@@ -248,5 +261,5 @@ def _topk(logits: tuple[Any, ...], k: int) -> tuple[list[Any], list[Any]]:
     return idx.tolist(), vals.tolist()
 
 
-def _row_topk(ids: list[Any], vals: list[Any], n: int) -> list[list[tuple[int, float]]]:
+def _row_topk(ids: list[Any], vals: list[Any], n: int) -> TopLogprobs:
     return [[(i, round(v, 4)) for i, v in zip(ids[t], vals[t], strict=True)] for t in range(n)]

@@ -14,9 +14,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from distill.answers import split_think
 from distill.config import ConfigError, TeacherConfig
-from distill.teachers.base import Completion, Job
-from distill.teachers.reasoning import split_think
+from distill.teachers.base import BatchItem, Completion, Job, Result, TopLogprobs, stream_batch
 
 VLLM_MISSING = ("teacher.backend: vllm is not installed; pip install -e '.[vllm]' "
                 "(needs a CUDA GPU)")
@@ -44,7 +44,6 @@ class VLLMTeacher:
             raise ConfigError("teacher.model: empty; expected a model directory or hub id")
         self.cfg = cfg
         self.model_id = cfg.model
-        self.model = cfg.model
         self.llm = llm
         self.chunk_prompts = max(1, chunk_prompts)
         self.in_flight = 0
@@ -90,7 +89,7 @@ class VLLMTeacher:
             logprobs=p.top_logprobs or None,
         )
 
-    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[tuple[Job, int, Completion]]:
+    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[Result]:
         pending = [(job, list(job.samples)) for job in jobs if job.samples]
         if not pending:
             return
@@ -103,11 +102,11 @@ class VLLMTeacher:
                 chunk = pending[start : start + self.chunk_prompts]
                 results = await self._run_chunk(chunk, round_)
                 for job, samples, comps in results:
-                    again = []
+                    again: list[int] = []
                     for s, comp in zip(samples, comps, strict=True):
                         if comp.finish_reason == "length" and not comp.error:
-                            comp = self._on_length(comp, last)
-                            if comp is None:
+                            kept = self._on_length(comp, last)
+                            if kept is None:
                                 again.append(s)
                                 continue
                         yield job, s, comp
@@ -117,15 +116,21 @@ class VLLMTeacher:
             if not pending:
                 return
 
+    def generate_batch(self, batch: Sequence[BatchItem]) -> list[Completion]:
+        return stream_batch(self, batch)
+
     def _on_length(self, comp: Completion, last_round: bool) -> Completion | None:
-        """Apply `on_length`; None means "sample it again"."""
+        """Apply `on_length` to `comp` (in place); None means "sample it again"."""
         policy = self.cfg.on_length
         if policy == "keep":
             return comp
         if policy == "retry" and not last_round:
             return None
-        why = "dropped" if policy == "drop" else "still truncated after retries"
-        comp.error = f"{why}: finish_reason=length (max_tokens reached)"
+        if policy == "drop":
+            comp.fail("dropped", "dropped: finish_reason=length (max_tokens reached)")
+        else:
+            comp.fail("length", "still truncated after retries: finish_reason=length "
+                      "(max_tokens reached)")
         return comp
 
     async def _run_chunk(self, chunk: list[tuple[Job, list[int]]], round_: int
@@ -139,7 +144,7 @@ class VLLMTeacher:
                 if len(chunk) == 1:
                     job, samples = chunk[0]
                     msg = f"vllm: {type(err).__name__}: {err}"[:300]
-                    return [(job, samples, [Completion(error=msg) for _ in samples])]
+                    return [(job, samples, [Completion.failed("backend", msg) for _ in samples])]
             # One bad prompt (too long for max_model_len, say) fails the whole call: retry
             # the chunk prompt by prompt so only that prompt ends as an error row.
             out: list[tuple[Job, list[int], list[Completion]]] = []
@@ -190,8 +195,8 @@ def to_completions(output: Any, n: int, top_k: int, latency: float) -> list[Comp
     comps: list[Completion] = []
     for i in range(n):
         if i >= len(outs):
-            comps.append(Completion(error=f"vllm returned {len(outs)} of {n} samples",
-                                    prompt_tokens=prompt_tokens))
+            comps.append(Completion.failed("empty", f"vllm returned {len(outs)} of {n} samples",
+                                           prompt_tokens=prompt_tokens))
             continue
         o = outs[i]
         token_ids = [int(t) for t in (getattr(o, "token_ids", None) or [])]
@@ -201,14 +206,14 @@ def to_completions(output: Any, n: int, top_k: int, latency: float) -> list[Comp
                           prompt_tokens=prompt_tokens, completion_tokens=len(token_ids),
                           latency_s=latency, token_ids=token_ids)
         if finish == "abort":
-            comp.error = "vllm: request aborted"
+            comp.fail("backend", "vllm: request aborted")
         if top_k > 0:
             comp.top_logprobs = top_logprobs(getattr(o, "logprobs", None), top_k)
         comps.append(comp)
     return comps
 
 
-def top_logprobs(logprobs: Any, k: int) -> list[list[tuple[int | str, float]]] | None:
+def top_logprobs(logprobs: Any, k: int) -> TopLogprobs | None:
     """Per position, the top-k (token id, logprob) pairs.
 
     vLLM gives each position a {token_id: Logprob} dict holding the top-k *and* the sampled
@@ -217,10 +222,10 @@ def top_logprobs(logprobs: Any, k: int) -> list[list[tuple[int | str, float]]] |
     """
     if logprobs is None:
         return None
-    steps: list[list[tuple[int | str, float]]] = []
+    steps: TopLogprobs = []
     for position in logprobs:
-        pairs = [(int(tid), float(getattr(lp, "logprob", lp)))
-                 for tid, lp in (position or {}).items()]
+        pairs: list[tuple[int | str, float]] = [
+            (int(tid), float(getattr(lp, "logprob", lp))) for tid, lp in (position or {}).items()]
         pairs.sort(key=lambda p: -p[1])
         steps.append(list(pairs[:k]))
     return steps

@@ -11,7 +11,7 @@ def assistant_text(row: dict[str, Any]) -> str:
     return (row.get("rationale") or row.get("response") or "").strip()
 
 
-# Carried into the sft set when the teacher reported them, for soft-target training (kd.py):
+# Carried into the sft set when the teacher reported them, for soft-target training (kd_data.py):
 # the teacher's own tokens, its top-k (token, logprob) per token, and how its text ended.
 SOFT_TARGET_FIELDS = ("token_ids", "top_logprobs", "response", "finish_reason")
 
@@ -38,7 +38,7 @@ def label_only_rows(sft: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["seed_id"] in seen:
             continue
         seen.add(r["seed_id"])
-        from distill.filter.verify import extract_answer
+        from distill.answers import extract_answer
 
         label = extract_answer(r["gold"]) if r.get("gold") else r.get("answer")
         if label is None:

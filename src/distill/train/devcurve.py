@@ -14,9 +14,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from distill.answers import score
 from distill.config import ConfigError, PipelineConfig
-from distill.filter.verify import answers_match
-from distill.generate.parse import parse_response
 from distill.generate.templates import chat_messages
 from distill.teachers.base import Job, SamplingParams
 
@@ -87,7 +86,7 @@ def dev_accuracy(model: Any, tok: Any, cfg: PipelineConfig, items: list[dict[str
     # The backend seeds torch's global RNG per batch; the Trainer's shuffling draws from that
     # RNG too, so scoring must leave it as it found it (a dev curve must not change training).
     rng_state = torch.get_rng_state()
-    # Batched generation pads on the left per call (`TransformersTeacher._generate` passes
+    # Batched generation pads on the left per call (`TransformersTeacher.generate_batch` passes
     # padding_side="left"), so the training tokenizer, which pads on the right, is left alone.
     was_training = model.training
     model.eval()
@@ -96,10 +95,9 @@ def dev_accuracy(model: Any, tok: Any, cfg: PipelineConfig, items: list[dict[str
         hits = 0
         for start in range(0, len(jobs), d.batch_size):
             batch = [(j, 0) for j in jobs[start : start + d.batch_size]]
-            comps = teacher._generate(batch, params)
+            comps = teacher.generate_batch(batch)
             for (job, _), comp in zip(batch, comps, strict=True):
-                pred = parse_response(comp.text, comp.reasoning)["answer"]
-                hits += bool(answers_match(pred, gold[job.key]))
+                hits += score(comp.text, gold[job.key], reasoning=comp.reasoning)
     finally:
         model.train(was_training)
         torch.set_rng_state(rng_state)

@@ -14,86 +14,83 @@ vocabulary; `check_vocab` refuses anything else.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from datasets import Dataset
+from trl.experimental.gkd import GKDConfig, GKDTrainer
+
 from distill.config import ConfigError, PipelineConfig
-from distill.train.kd import (
-    LossPartsLogging,
-    ProjectionsInOptimizer,
+from distill.train.common import (
     check_vocab,
-    hidden_projections,
+    fit,
     history,
-    layer_loss,
-    layer_pairs,
     load_teacher,
     local_teacher_name,
     lora_config,
     save_student,
     training_kwargs,
 )
+from distill.train.kd import (
+    LossPartsLogging,
+    ProjectionsInOptimizer,
+    hidden_projections,
+    kd_card,
+    layer_loss,
+    layer_pairs,
+)
 from distill.train.losses import divergence_beta, generalized_jsd, masked_mean
+from distill.train.memory import cpu_training_memory
+from distill.train.progress import training_callbacks
 from distill.train.student import build_student, count_params, load_tokenizer
 
 
-def make_gkd_trainer_class() -> type:
-    import torch
-    from trl.experimental.gkd import GKDTrainer
+class DistillGKDTrainer(LossPartsLogging, ProjectionsInOptimizer, GKDTrainer):
+    """TRL's GKDTrainer (on-policy sampling, lmbda mixing) with the shared KD loss."""
 
-    class DistillGKDTrainer(LossPartsLogging, ProjectionsInOptimizer, GKDTrainer):
-        """TRL's GKDTrainer (on-policy sampling, lmbda mixing) with the shared KD loss."""
+    # A per-batch mean: the Trainer divides by accumulation. (TRL's base class types it None.)
+    loss_is_scaled_for_ga = False  # type: ignore[assignment]
 
-        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by accumulation
+    def __init__(self, *args: Any, kd: Any, projections: Any = None,
+                 layer_pairs: list[tuple[int, int]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kd, self.projections, self.pairs = kd, projections, layer_pairs or []
+        self._parts = defaultdict(list)
+        if projections is not None:
+            projections.to(self.args.device)
 
-        def __init__(self, *args: Any, kd: Any, projections: Any = None,
-                     layer_pairs: list[tuple[int, int]] | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.kd, self.projections, self.pairs = kd, projections, layer_pairs or []
-            self._parts = defaultdict(list)
-            if projections is not None:
-                projections.to(self.args.device)
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            hidden = self.projections is not None
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        output_hidden_states=hidden, use_cache=False)
-            self.teacher_model.eval()
-            with torch.no_grad():
-                t_out = self.teacher_model(input_ids=inputs["input_ids"],
-                                           attention_mask=inputs["attention_mask"],
-                                           output_hidden_states=hidden, use_cache=False)
-            # Logits at i predict token i + 1; labels are -100 on prompt and padding.
-            mask = inputs["labels"][:, 1:] != -100
-            v = min(out.logits.size(-1), t_out.logits.size(-1))
-            t = self.kd.temperature
-            d = generalized_jsd(out.logits[:, :-1, :v], t_out.logits[:, :-1, :v], self.beta, t)
-            soft = masked_mean(d, mask)
-            loss, h = t**2 * soft, None
-            if hidden:
-                h = layer_loss(self.kd, self.pairs, self.projections,
-                               tuple(x[:, :-1] for x in out.hidden_states),
-                               tuple(x[:, :-1] for x in t_out.hidden_states), None, None, mask)
-                loss = loss + self.kd.hidden_weight * h
-            self._record(soft=soft, hidden=h)
-            return (loss, out) if return_outputs else loss
-
-    return DistillGKDTrainer
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        hidden = self.projections is not None
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    output_hidden_states=hidden, use_cache=False)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            t_out = self.teacher_model(input_ids=inputs["input_ids"],
+                                       attention_mask=inputs["attention_mask"],
+                                       output_hidden_states=hidden, use_cache=False)
+        # Logits at i predict token i + 1; labels are -100 on prompt and padding.
+        mask = inputs["labels"][:, 1:] != -100
+        v = min(out.logits.size(-1), t_out.logits.size(-1))
+        t = self.kd.temperature
+        d = generalized_jsd(out.logits[:, :-1, :v], t_out.logits[:, :-1, :v], self.beta, t)
+        soft = masked_mean(d, mask)
+        loss, h = t**2 * soft, None
+        if hidden:
+            h = layer_loss(self.kd, self.pairs, self.projections,
+                           tuple(x[:, :-1] for x in out.hidden_states),
+                           tuple(x[:, :-1] for x in t_out.hidden_states), None, None, mask)
+            loss = loss + self.kd.hidden_weight * h
+        self._record(soft=soft, hidden=h)
+        return (loss, out) if return_outputs else loss
 
 
 def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
               label: str = "gkd", callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train a student on-policy against the local teacher; save it like the SFT student."""
-    from datasets import Dataset
-    from trl.experimental.gkd import GKDConfig
-
-    from distill.train.memory import cpu_training_memory
-    from distill.train.progress import quiet_trainer, training_callbacks
-
     cpu_training_memory()
     kd = cfg.train.kd
     if local_teacher_name(cfg) is None:
@@ -110,16 +107,16 @@ def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
         pairs = layer_pairs(cfg, model, teacher)
         projections = hidden_projections(model, teacher, len(pairs))
     data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    work = Path(tempfile.mkdtemp(prefix="distill-gkd-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="distill-gkd-", ignore_cleanup_errors=True) as work:
         args = GKDConfig(
-            **training_kwargs(cfg, str(work)), max_length=cfg.train.max_length, packing=False,
+            **training_kwargs(cfg, work), remove_unused_columns=False,
+            max_length=cfg.train.max_length, packing=False,
             lmbda=kd.lmbda, beta=divergence_beta(kd.divergence, kd.beta),
             temperature=kd.sample_temperature,
             max_new_tokens=kd.max_new_tokens or cfg.generate.max_tokens,
         )
         try:
-            trainer = make_gkd_trainer_class()(
+            trainer = DistillGKDTrainer(
                 model=model, teacher_model=teacher, args=args, train_dataset=data,
                 processing_class=tok, peft_config=lora_config(cfg),
                 callbacks=[*training_callbacks(label), *(callbacks or [])],
@@ -127,18 +124,14 @@ def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
             )
         except ValueError as err:  # e.g. TRL's vocab_size check
             raise ConfigError(f"train.method gkd: {err}") from None
-        t0 = time.perf_counter()
-        result = quiet_trainer(trainer).train()
-        train_s = time.perf_counter() - t0
-        _, hist = history(trainer, result)
+        result, train_s = fit(trainer)
         info = {
             "label": label, "method": "gkd", "params": n_params, "train_rows": len(rows),
-            "steps": trainer.state.global_step, "train_s": round(train_s, 2),
+            "steps": trainer.state.global_step, "train_s": train_s,
             "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
             "soft_targets": "teacher logits (on-policy)", "lmbda": kd.lmbda,
             "hidden_layers": [list(p) for p in pairs] if pairs else None,
-        } | hist
-        save_student(trainer, tok, out_dir, cfg, info)
+            "world_size": trainer.accelerator.num_processes,
+        } | history(trainer, result, parts=LossPartsLogging.reported)
+        save_student(trainer, tok, out_dir, cfg, kd_card(cfg, info))
         return info
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

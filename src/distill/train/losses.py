@@ -125,7 +125,8 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
         reduction="none").view_as(labels)
     ce = masked_mean(ce, labels != -100)
     if topk_ids is not None:
-        valid = topk_valid if topk_valid is not None else torch.ones_like(topk_ids, dtype=bool)
+        valid = (topk_valid if topk_valid is not None
+                 else torch.ones_like(topk_ids, dtype=torch.bool))
         d = topk_divergence(student_logits, teacher_logits, topk_ids, valid, beta, temperature)
     else:
         d = generalized_jsd(student_logits, teacher_logits, beta, temperature)
@@ -144,7 +145,9 @@ def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
     """
     import torch
 
-    proj = projection(student_hidden.to(projection.weight.dtype)).float()
+    weight = projection.weight
+    assert isinstance(weight, torch.Tensor)
+    proj = projection(student_hidden.to(weight.dtype)).float()
     target = teacher_hidden.float()
     if kind == "mse":
         per_pos = (proj - target).pow(2).mean(-1)

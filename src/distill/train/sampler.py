@@ -33,7 +33,8 @@ class BucketedBatchOrder(Sampler[int]):
         n, bs = len(self.lengths), self.batch_size
         perm = torch.randperm(n).tolist()
         span = bs * self.mega
-        full, short = [], []
+        full: list[list[int]] = []
+        short: list[list[int]] = []
         for start in range(0, n, span):
             chunk = sorted(perm[start : start + span], key=self.lengths.__getitem__)
             for i in range(0, len(chunk), bs):

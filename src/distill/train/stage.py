@@ -4,6 +4,7 @@ soft-target students when asked)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
@@ -11,7 +12,57 @@ from datasets import Dataset
 from distill.config import ConfigError, PipelineConfig
 from distill.io import read_stage_rows
 from distill.records import RunDir
+from distill.stages import Stage
 from distill.train.dataset import label_only_rows
+
+TrainFn = Callable[..., dict[str, Any]]
+"""`(cfg, run_dir, rows, out_dir, *, label=..., callbacks=None) -> info`: sft rows → a student
+saved in `out_dir`. Without `label` each method names its student itself ("student" for SFT,
+else the method's name)."""
+
+
+def _messages(rows: list[dict[str, Any]]) -> Dataset:
+    return Dataset.from_list([{"messages": r["messages"]} for r in rows])
+
+
+# Each method's module is imported when it trains, not here: describing the stage (`STAGE`, read
+# by config checks and every pipeline command) should not cost a transformers Trainer/TRL import.
+
+
+def _sft(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, Any]],
+         out_dir: Path, **kw: Any) -> dict[str, Any]:
+    from distill.train.sft import train_sft
+
+    return train_sft(cfg, _messages(rows), out_dir, **kw)
+
+
+def _kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, Any]],
+        out_dir: Path, **kw: Any) -> dict[str, Any]:
+    from distill.train.kd import train_kd
+
+    return train_kd(cfg, run_dir, rows, out_dir, **kw)
+
+
+def _gkd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, Any]],
+         out_dir: Path, **kw: Any) -> dict[str, Any]:
+    from distill.train.gkd import train_gkd
+
+    return train_gkd(cfg, rows, out_dir, **kw)
+
+
+TRAINERS: dict[str, TrainFn] = {"sft": _sft, "kd": _kd, "gkd": _gkd}
+"""`train.method` (and `train.also`) → the function that trains that student."""
+
+
+def _with_train(cfg: PipelineConfig, **train: Any) -> PipelineConfig:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+
+
+def _job(method: str, cfg: PipelineConfig, run_dir: RunDir, rows: list[dict[str, Any]],
+         out: str, **kw: Any) -> Callable[[list[Any]], dict[str, Any]]:
+    """Training `method`'s student into `run_dir/out`, given its (dev-curve) callbacks."""
+    return lambda cb: TRAINERS[method](cfg, run_dir, rows, run_dir.stage(out), callbacks=cb,
+                                       **kw)
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
@@ -21,43 +72,24 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
                           "filtered out; see filter/funnel.json)")
     students: dict[str, Any] = {}
     method = cfg.train.method
-    data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     curves = DevCurves(cfg, rows)
-    if method == "sft":
-        from distill.train.sft import train_sft
-
-        students["student"] = curves.run("student", lambda cb: train_sft(
-            cfg, data, run_dir.stage("student"), label="student", callbacks=cb))
-    else:
-        from distill.train.kd import train_kd
-
-        students["student"] = curves.run("student", lambda cb: train_kd(
-            cfg, run_dir, rows, run_dir.stage("student"), callbacks=cb))
+    students["student"] = curves.run("student", _job(method, cfg, run_dir, rows, "student"))
     students["student"]["dir"] = "student"
     for extra in dict.fromkeys(cfg.train.also):  # same-size soft-target students, side by side
         if extra == method:
             continue
-        from distill.train.kd import train_kd
-
-        extra_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"method": extra})})
-        info = curves.run(extra, lambda cb, c=extra_cfg, e=extra: train_kd(
-            c, run_dir, rows, run_dir.stage(f"student_{e}"), label=e, callbacks=cb))
+        info = curves.run(extra, _job(extra, _with_train(cfg, method=extra), run_dir, rows,
+                                      f"student_{extra}", label=extra))
         students[extra] = info | {"dir": f"student_{extra}"}
     if cfg.train.label_only_baseline:
-        from distill.train.sft import train_sft
-
         lo = label_only_rows(rows)
-        lo_data = Dataset.from_list([{"messages": r["messages"]} for r in lo])
         # The same number of optimizer steps as the CoT student: one row per question makes an
         # epoch shorter, and the ablation should not lose for want of updates.
         lo_cfg = cfg
         if cfg.train.max_steps <= 0 and students["student"].get("steps"):
-            lo_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
-                update={"max_steps": int(students["student"]["steps"])})})
-        info = curves.run("label_only", lambda cb: train_sft(
-            lo_cfg, lo_data, run_dir.stage("student_label_only"), label="label-only",
-            callbacks=cb))
+            lo_cfg = _with_train(cfg, max_steps=int(students["student"]["steps"]))
+        info = curves.run("label_only", _job("sft", lo_cfg, run_dir, lo, "student_label_only",
+                                             label="label-only"))
         students["label_only"] = info | {"dir": "student_label_only"}
     return {"students": students, "method": method} | curves.summary(students)
 
@@ -92,3 +124,10 @@ class DevCurves:
         return {"dev_target": level, "steps_to_dev_target": {
             n: steps_to_reach(s["dev_curve"], level) for n, s in students.items()
             if s.get("dev_curve")}}
+
+
+STAGE = Stage(
+    name="train", run=run, sections=("train", "seed"), reads=("sft/sft.jsonl",),
+    inputs=lambda cfg: [("train.dev.dataset", cfg.train.dev.dataset if cfg.train.dev else None)],
+    models=lambda cfg: [("train.student", cfg.train.student, "model"),
+                        ("train.tokenizer", cfg.train.tokenizer, "tokenizer")])
