@@ -232,26 +232,12 @@ def log_attempt(d: Path, token: str) -> int:
 def cot_shard(cfg: PipelineConfig, run_dir: RunDir, seeds: list[dict[str, Any]],
               wrap: Callable[[Any], Reporting]) -> tuple[list[Any], dict[str, Any]]:
     """The local cot branch of the generate stage on the shard's seeds and cache."""
-    from distill.generate.cot import build_jobs, generation_row
+    from distill.generate.cot import generate_cot
     from distill.teachers import make_teacher
-    from distill.teachers.cache import ResponseCache
-    from distill.teachers.engine import run_jobs
 
-    jobs = build_jobs(cfg, seeds)
-    cache = ResponseCache(run_dir.cache)
-    try:
-        teacher = wrap(make_teacher(cfg.teacher, **soft_targets.teacher_options(cfg)))
-        results, engine = run_jobs(
-            teacher, jobs, cache, price_in=cfg.teacher.price_in_per_mtok,
-            price_out=cfg.teacher.price_out_per_mtok, show_progress=False,
-            need_logprobs=bool(soft_targets.kd_needs_stored(cfg)))
-    finally:
-        cache.close()
-    by_id = {s["id"]: s for s in seeds}
-    rows = [generation_row(cfg, by_id[job.key], job, s, results[(job.key, s)])
-            for job in jobs for s in job.samples]
-    soft_targets.enforce(cfg, rows)
-    return rows, engine.as_dict() | {"seeds": len(seeds)}
+    teacher = wrap(make_teacher(cfg.teacher, **soft_targets.teacher_options(cfg)))
+    rows, stats = generate_cot(cfg, run_dir, teacher, seeds, show_progress=False)
+    return list(rows), stats
 
 
 def adaptive_shard(cfg: PipelineConfig, run_dir: RunDir, wrap: Callable[[Any], Reporting]

@@ -219,11 +219,9 @@ def generate_on_fleet(cfg: PipelineConfig, run_dir: RunDir) -> tuple[list[Any], 
     """The generate stage with the fleet as its teacher: the local stage's code (cot, or the
     adaptive rounds, one processor run per round), the run's cache, one driver."""
     from distill.executor.ray_generate import teacher_wrapped
-    from distill.generate import adaptive, soft_targets
-    from distill.generate.cot import build_jobs, generation_row
+    from distill.generate import adaptive
+    from distill.generate.cot import generate_cot
     from distill.seeds import load_seeds
-    from distill.teachers.cache import ResponseCache
-    from distill.teachers.engine import run_jobs
 
     fleet = RayVLLMTeacher(cfg)
     info = {"executor": {"kind": "ray", "engine": "ray.data.llm vLLM",
@@ -233,19 +231,6 @@ def generate_on_fleet(cfg: PipelineConfig, run_dir: RunDir) -> tuple[list[Any], 
         with teacher_wrapped(adaptive, lambda _: fleet):
             rows, stats = adaptive.generate_adaptive(cfg, run_dir)
         return rows, stats | info
-    seeds = load_seeds(cfg)
-    jobs = build_jobs(cfg, seeds)
-    cache = ResponseCache(run_dir.cache)
-    try:
-        results, engine = run_jobs(
-            fleet, jobs, cache, price_in=cfg.teacher.price_in_per_mtok,
-            price_out=cfg.teacher.price_out_per_mtok, description="generate (ray vllm)",
-            need_logprobs=bool(soft_targets.kd_needs_stored(cfg)))
-    finally:
-        cache.close()
-    by_id = {s["id"]: s for s in seeds}
-    rows = [generation_row(cfg, by_id[job.key], job, s, results[(job.key, s)])
-            for job in jobs for s in job.samples]
-    soft_targets.enforce(cfg, rows)
-    return rows, engine.as_dict() | {"seeds": len(seeds)} | soft_targets.manifest_note(
-        cfg, rows) | info
+    rows, stats = generate_cot(cfg, run_dir, fleet, load_seeds(cfg),
+                               description="generate (ray vllm)")
+    return list(rows), stats | info

@@ -6,9 +6,12 @@ from typing import Any
 
 from distill.answers import parse_response
 from distill.config import PipelineConfig
+from distill.generate import soft_targets
 from distill.generate.templates import chat_messages
-from distill.records import GenerationRow, make_generation_row
-from distill.teachers.base import Completion, Job, SamplingParams
+from distill.records import GenerationRow, RunDir, make_generation_row
+from distill.teachers.base import Completion, Job, SamplingParams, Teacher
+from distill.teachers.cache import ResponseCache
+from distill.teachers.engine import run_jobs
 from distill.teachers.structured import response_format
 
 
@@ -70,3 +73,22 @@ def generation_row(cfg: PipelineConfig, seed: dict[str, Any], job: Job, sample: 
         parsed=parse_response(comp.text, comp.reasoning) if not comp.error else None,
         price_in=cfg.teacher.price_in_per_mtok, price_out=cfg.teacher.price_out_per_mtok,
         **fields)
+
+
+def generate_cot(cfg: PipelineConfig, run_dir: RunDir, teacher: Teacher,
+                 seeds: list[dict[str, Any]], *, description: str = "generate",
+                 show_progress: bool = True) -> tuple[list[GenerationRow], dict[str, Any]]:
+    """`generate.samples` rationales per seed from `teacher` through the run's cache: the rows
+    and the stats (engine counters, seeds, the soft-target note). The local stage, a Ray shard
+    and the Ray Data LLM fleet all generate through here."""
+    jobs = build_jobs(cfg, seeds)
+    with ResponseCache(run_dir.cache) as cache:
+        results, engine = run_jobs(
+            teacher, jobs, cache, price_in=cfg.teacher.price_in_per_mtok,
+            price_out=cfg.teacher.price_out_per_mtok, description=description,
+            show_progress=show_progress, need_logprobs=bool(soft_targets.kd_needs_stored(cfg)))
+    by_id = {s["id"]: s for s in seeds}
+    rows = [generation_row(cfg, by_id[job.key], job, s, results[(job.key, s)])
+            for job in jobs for s in job.samples]
+    soft_targets.enforce(cfg, rows)
+    return rows, engine.as_dict() | {"seeds": len(seeds)} | soft_targets.manifest_note(cfg, rows)

@@ -6,15 +6,13 @@ from typing import Any, cast
 
 from distill.config import PipelineConfig
 from distill.generate import batching, soft_targets
-from distill.generate.cot import build_jobs, generation_row
+from distill.generate.cot import generate_cot
 from distill.generate.imported import imported_generations
 from distill.io import write_stage
 from distill.records import GenerationRow, RunDir
 from distill.seeds import load_seeds
 from distill.stages import Stage
 from distill.teachers import make_teacher
-from distill.teachers.cache import ResponseCache
-from distill.teachers.engine import run_jobs
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
@@ -35,21 +33,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
 
         rows, stats = generate_adaptive(cfg, run_dir)
     else:
-        seeds = load_seeds(cfg)
-        jobs = build_jobs(cfg, seeds)
-        with ResponseCache(run_dir.cache) as cache:
-            results, engine_stats = run_jobs(
-                make_teacher(cfg.teacher, batch_record=batching.record_path(run_dir),
-                             **soft_targets.teacher_options(cfg)), jobs, cache,
-                price_in=cfg.teacher.price_in_per_mtok, price_out=cfg.teacher.price_out_per_mtok,
-                description="generate", need_logprobs=bool(soft_targets.kd_needs_stored(cfg)),
-            )
-        by_id = {s["id"]: s for s in seeds}
-        rows = [generation_row(cfg, by_id[job.key], job, s, results[(job.key, s)])
-                for job in jobs for s in job.samples]
-        soft_targets.enforce(cfg, rows)
-        stats = engine_stats.as_dict() | {"seeds": len(seeds)} | soft_targets.manifest_note(
-            cfg, rows)
+        teacher = make_teacher(cfg.teacher, batch_record=batching.record_path(run_dir),
+                               **soft_targets.teacher_options(cfg))
+        rows, stats = generate_cot(cfg, run_dir, teacher, load_seeds(cfg))
     # The writers take rows as plain dicts; `GenerationRow` is the schema they were built to.
     write_stage(run_dir.stage("generate"), cast(list[dict[str, Any]], rows), "generations.jsonl",
                 extra=batching.carried(run_dir))
