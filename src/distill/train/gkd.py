@@ -15,7 +15,6 @@ vocabulary; `check_vocab` refuses anything else.
 from __future__ import annotations
 
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,11 @@ from distill.train.kd import (
     LossPartsLogging,
     ProjectionsInOptimizer,
     hidden_projections,
+    hold_kd,
     kd_card,
     layer_loss,
     layer_pairs,
+    student_outputs,
 )
 from distill.train.losses import divergence_beta, generalized_jsd, masked_mean
 from distill.train.memory import cpu_training_memory
@@ -57,16 +58,12 @@ class DistillGKDTrainer(LossPartsLogging, ProjectionsInOptimizer, GKDTrainer):
     def __init__(self, *args: Any, kd: Any, projections: Any = None,
                  layer_pairs: list[tuple[int, int]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.kd, self.projections, self.pairs = kd, projections, layer_pairs or []
-        self._parts = defaultdict(list)
-        if projections is not None:
-            projections.to(self.args.device)
+        hold_kd(self, kd, projections, layer_pairs)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         hidden = self.projections is not None
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    output_hidden_states=hidden, use_cache=False)
+        out = student_outputs(model, inputs, hidden)
         self.teacher_model.eval()
         with torch.no_grad():
             t_out = self.teacher_model(input_ids=inputs["input_ids"],

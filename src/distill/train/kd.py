@@ -117,6 +117,8 @@ class ProjectionsInOptimizer:
     """Trainer mixin: the hidden-state projections train alongside the student."""
 
     projections: Any = None
+    pairs: list[tuple[int, int]]
+    kd: Any  # the KDConfig (set by `hold_kd`)
     optimizer: Any
 
     def create_optimizer(self, model: Any = None) -> Any:
@@ -145,6 +147,23 @@ class LossPartsLogging:
                 logs[k] = round(sum(vs) / len(vs), 6)
             self._parts.clear()
         super().log(logs, start_time)  # type: ignore[misc]
+
+
+def hold_kd(trainer: Any, kd: Any, projections: Any, layer_pairs: list[tuple[int, int]] | None
+            ) -> None:
+    """What the KD and GKD trainers hold: the KD settings, the hidden-state projections (on the
+    student's device, trained with it) and their layer pairs, and the loss parts to log."""
+    trainer.kd, trainer.projections, trainer.pairs = kd, projections, layer_pairs or []
+    trainer._parts = defaultdict(list)
+    if projections is not None:
+        projections.to(trainer.args.device)
+
+
+def student_outputs(model: Any, inputs: dict[str, Any], hidden: bool) -> Any:
+    """The student's forward pass on a KD / GKD batch (hidden states when a layer loss needs
+    them; no KV cache in training)."""
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                 output_hidden_states=hidden, use_cache=False)
 
 
 def xtok_loss(logits: Any, inputs: dict[str, Any], kd: Any, beta: float) -> tuple[KDLoss, Any]:
@@ -189,20 +208,16 @@ class KDTrainer(LossPartsLogging, ProjectionsInOptimizer, BucketedSampling, Trai
                  layer_pairs: list[tuple[int, int]] | None = None, vocab: int,
                  xtok: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.kd, self.teacher, self.vocab, self.xtok = kd, teacher, vocab, xtok
-        self.projections, self.pairs = projections, layer_pairs or []
+        hold_kd(self, kd, projections, layer_pairs)
+        self.teacher, self.vocab, self.xtok = teacher, vocab, xtok
         self.beta = divergence_beta(kd.divergence, kd.beta)
-        self._parts = defaultdict(list)
         if teacher is not None:
             teacher.to(self.args.device).eval()
-        if projections is not None:
-            projections.to(self.args.device)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         hidden = self.projections is not None
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    output_hidden_states=hidden, use_cache=False)
+        out = student_outputs(model, inputs, hidden)
         logits = gather_positions(out.logits, inputs["pos"])[..., : self.vocab]
         t_out = None
         if self.teacher is not None and "teacher_input_ids" in inputs:

@@ -271,6 +271,21 @@ def completion_targets(row: dict[str, Any], tok: Any, mapper: TokenMapper | None
     return ids, steps
 
 
+def fit_length(prompt: list[int], max_length: int, stats: Counter[str], completion: list[int],
+               *per_position: list[Any]) -> tuple[list[Any], ...] | None:
+    """(completion, *per_position) cut to the room `max_length` leaves after the prompt (lists
+    aligned with the completion's tokens are cut with it), or None for a row whose prompt
+    alone fills it (counted in `stats`)."""
+    room = max_length - len(prompt)
+    if not prompt or room < 1:
+        stats["rows_too_long"] += 1
+        return None
+    if len(completion) > room:
+        stats["rows_truncated"] += 1
+        return tuple(x[:room] for x in (completion, *per_position))
+    return (completion, *per_position)
+
+
 def kd_examples(rows: list[dict[str, Any]], tok: Any, *, max_length: int,
                 mapper: TokenMapper | None = None, teacher_tok: Any = None
                 ) -> tuple[list[KDExample], Counter[str]]:
@@ -282,14 +297,11 @@ def kd_examples(rows: list[dict[str, Any]], tok: Any, *, max_length: int,
     tprompts = (_encode_all(teacher_tok, [render_chat(teacher_tok, _prompt_messages(r))
                                           for r in rows]) if teacher_tok is not None else None)
     for n, (r, prompt) in enumerate(zip(rows, prompts, strict=True)):
-        completion, steps = completion_targets(r, tok, mapper, stats)
-        room = max_length - len(prompt)
-        if not prompt or room < 1:
-            stats["rows_too_long"] += 1
+        fitted = fit_length(prompt, max_length, stats,
+                            *completion_targets(r, tok, mapper, stats))
+        if fitted is None:
             continue
-        if len(completion) > room:
-            stats["rows_truncated"] += 1
-            completion, steps = completion[:room], steps[:room]
+        completion, steps = fitted
         ex = KDExample(input_ids=prompt + completion, prompt_len=len(prompt))
         if steps:
             ex.topk_ids, ex.topk_logprobs, ex.topk_valid = topk_tensors(steps)
@@ -362,14 +374,10 @@ def xtok_examples(rows: list[dict[str, Any]], tok: Any, teacher_tok: Any, *,
             first: list[int] = []
         else:
             completion, steps, uld, first = got.ids, got.steps, got.uld, got.span_first
-        room = max_length - len(prompt)
-        if not prompt or room < 1:
-            stats["rows_too_long"] += 1
+        fitted = fit_length(prompt, max_length, stats, completion, steps, uld, first)
+        if fitted is None:
             continue
-        if len(completion) > room:
-            stats["rows_truncated"] += 1
-            completion, steps, uld, first = (completion[:room], steps[:room], uld[:room],
-                                             first[:room])
+        completion, steps, uld, first = fitted
         ex = KDExample(input_ids=prompt + completion, prompt_len=len(prompt))
         if any(steps):
             ex.topk_ids, ex.topk_logprobs, ex.topk_valid = topk_tensors(steps)
