@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Any
 
 from distill.config import ConfigError, PipelineConfig
 from distill.io import read_stage_rows
 from distill.records import RunDir
 from distill.stages import Stage
 from distill.train.dataset import label_only_rows
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 TrainFn = Callable[..., dict[str, Any]]
 """`(cfg, run_dir, rows, out_dir, *, label=..., callbacks=None) -> info`: sft rows → a student
@@ -22,6 +23,8 @@ else the method's name)."""
 
 
 def _messages(rows: list[dict[str, Any]]) -> Dataset:
+    from datasets import Dataset  # not at import: loading a config reads this module's STAGE
+
     return Dataset.from_list([{"messages": r["messages"]} for r in rows])
 
 
