@@ -42,7 +42,7 @@ def build_tokenizer(vocab_size: int = 1024, n_rows: int = 4000, seed: int = 0,
     from transformers import PreTrainedTokenizerFast
 
     from distill.tasks import make_task, prompt_text
-    from distill.tasks.demo_teacher import (
+    from distill.tasks.demo_tokenizer import (
         ASSISTANT,
         CHAT_TEMPLATE,
         END,
@@ -82,7 +82,7 @@ def drill_accuracy(model: Any, tok: Any, n: int = 300, seed: int = 12345) -> dic
     pretraining); exact match of the number before the ".", overall and per operator."""
     import torch
 
-    from distill.tasks.demo_teacher import drill_equation
+    from distill.tasks.demo_data import drill_equation
 
     rng = random.Random(f"xtok-eval|{seed}")
     eqs = [drill_equation(rng, close_sub=0.5) for _ in range(n)]
@@ -113,8 +113,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.records import atomic_path
-    from distill.tasks.demo_teacher import (
-        arithmetic_drills,
+    from distill.tasks.demo_data import arithmetic_drills
+    from distill.tasks.demo_models import (
         build_model,
         count_params,
         student_config,
