@@ -621,9 +621,12 @@ class ExportConfig(Strict):
     """Answer length cap while measuring (default: evaluate.max_tokens)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads given to every runtime alike (default: torch's current setting)."""
-    gguf_type: Literal["f32", "f16", "q8_0"] = "q8_0"
-    """GGUF weight type for 2-D tensors; rows whose length is not a multiple of 32 fall back to
-    f16 (norms stay f32)."""
+    gguf_type: Literal["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"] = "q8_0"
+    """GGUF weight type, llama.cpp's names in either case (Q4_K_M = q4_k_m). f32, f16, q8_0:
+    written by the converter (q8_0 rows whose length is not a multiple of 32 fall back to f16;
+    norms stay f32). q6_k, q5_k_m, q4_k_m, q4_0: written f32, then quantized by llama.cpp's own
+    quantizer (needs llama-cpp-python), which picks per-tensor types like `llama-quantize`; a
+    K-quant tensor whose rows are not a multiple of 256 gets llama.cpp's fallback type."""
     gguf_pre: str = "auto"
     """llama.cpp pre-tokenizer name (tokenizer.ggml.pre); auto reads tokenizer.json."""
     int4_block_size: int = Field(32, ge=16)
@@ -644,6 +647,11 @@ class ExportConfig(Strict):
     teacher_params: int | None = Field(None, ge=1)
     """Teacher parameter count for the size ratios when the teacher is not a local model
     directory (an API teacher); its fp32 bytes are taken as 4 × params."""
+
+    @field_validator("gguf_type", mode="before")
+    @classmethod
+    def _gguf_type_lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
 
 class RayVLLMConfig(Strict):

@@ -17,7 +17,8 @@ custom tokenizer — like the tests' tiny ones — is refused). It handles `llam
   tokenizer.json, or `gguf_pre`), and the chat template.
 
 `read_gguf` reads any GGUF file back (metadata, dequantized tensors): the writer's round-trip
-check, the converter's notes and the numpy reference forward (`gguf_runtime.py`) use it.
+check, the converter's notes and the numpy reference forward (`gguf_runtime.py`) use it;
+`tensor_type_counts` says which types llama.cpp's quantizer chose.
 """
 
 from __future__ import annotations
@@ -273,6 +274,20 @@ def read_gguf(path: Path, tensors: bool = True) -> tuple[dict[str, Any], dict[st
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         out[t.name] = np.asarray(arr, dtype=np.float32).reshape(shape)
     return meta, out
+
+
+def tensor_type_counts(path: Path, row: int) -> tuple[dict[str, int], int]:
+    """(GGML type name → tensors of that type in the file, how many of its 2-D tensors have
+    rows whose length is not a multiple of `row`)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    off_rows = 0
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        shape = t.shape.tolist()  # GGML order: the row length first
+        off_rows += len(shape) >= 2 and int(shape[0]) % row != 0
+    return counts, off_rows
 
 
 def check_roundtrip(path: Path, expected: dict[str, np.ndarray]) -> dict[str, Any]:

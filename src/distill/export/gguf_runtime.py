@@ -5,7 +5,10 @@ reference forward pass.
 the permuted weights) for `llama` and `qwen2` files, which proves the file — not just the source
 model — computes the student. Other architectures are exported but not measured without
 llama.cpp. `LlamaCppRunner` checks that llama.cpp tokenizes like tokenizer.json before trusting
-its own tokenizer, and otherwise feeds it the transformers tokenizer's ids.
+its own tokenizer, and otherwise feeds it the transformers tokenizer's ids. When it does, and
+the GGUF's embedded chat template renders as the student's, answers come from llama.cpp's chat
+API (`Llama.create_chat_completion`, greedy) — the way an edge user runs the file — rather than
+from the shared token loop; `describe()` says which.
 """
 
 from __future__ import annotations
@@ -17,14 +20,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from distill.config import ConfigError
 from distill.export.files import GGUF_FILE
 from distill.export.gguf_file import SUPPORTED, read_gguf
-from distill.export.runtime import Runner, load_tokenizer_dir, read_model_config, stop_ids
+from distill.export.runtime import (
+    Answer,
+    Runner,
+    load_tokenizer_dir,
+    read_model_config,
+    stop_ids,
+)
 
 
 def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -142,6 +151,16 @@ TOKENIZER_PROBE = ("Tom has 12 apples and buys 345 more, then 6,078 pears: 12 + 
                    "The answer is 357.")
 
 
+# Conversations the GGUF's chat template must render as the student's own before the chat API
+# answers: with and without a system turn, and a second user turn.
+CHAT_PROBES: tuple[list[dict[str, str]], ...] = (
+    [{"role": "user", "content": TOKENIZER_PROBE}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2 + 3?"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "What is 2 + 3?"}],
+)
+
+
 def _repack_allowed() -> bool:
     """Whether llama.cpp may repack weights into its extra CPU buffer types (AMX / interleaved).
 
@@ -216,6 +235,10 @@ class LlamaCppRunner(Runner):
         self.logits_all = logits_all
         self.tokenizer_note = self._check_tokenizer()
         self.own_tokenizer = self.tokenizer_note is None
+        self.chat_api_note = self._check_chat_template() if self.own_tokenizer else None
+        self.chat_api = self.own_tokenizer and self.chat_api_note is None
+        if self.chat_api:
+            self.llm.chat_format = "chat_template.default"  # the GGUF's template, never a guess
 
     def _check_tokenizer(self) -> str | None:
         """None when llama.cpp tokenizes and detokenizes a probe chat exactly as tokenizer.json
@@ -245,6 +268,34 @@ class LlamaCppRunner(Runner):
                     "the transformers tokenizer, llama.cpp runs the weights")
         return None
 
+    def _check_chat_template(self) -> str | None:
+        """None when the GGUF's `tokenizer.chat_template`, rendered as llama-cpp-python renders
+        it (Jinja2ChatFormatter, the GGUF's bos/eos texts), gives the probe conversations the
+        prompt text the student's own template gives; else why not — then answers come from the
+        shared token loop."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from distill.chat_template import render_chat
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return "the GGUF has no tokenizer.chat_template: answers from the token loop"
+        model = self.llm._model
+        bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        formatter = Jinja2ChatFormatter(
+            template=template, bos_token=model.token_get_text(bos) if bos != -1 else "",
+            eos_token=model.token_get_text(eos) if eos != -1 else "")
+        for messages in CHAT_PROBES:
+            try:
+                got = formatter(messages=cast(Any, messages)).prompt  # TypedDicts there
+            except Exception as err:  # noqa: BLE001 - a template llama.cpp cannot render
+                return (f"the GGUF's chat template fails in llama-cpp-python ({err}): answers "
+                        "from the token loop")
+            if got != render_chat(self.tokenizer, messages):
+                return ("the GGUF's chat template renders differently from the student's: "
+                        "answers from the token loop")
+        return None
+
     def _has_normalizer(self) -> bool:
         path = self.path / "tokenizer.json"
         return path.is_file() and bool(json.loads(path.read_text()).get("normalizer"))
@@ -265,6 +316,35 @@ class LlamaCppRunner(Runner):
             return super().decode(ids)
         return self.llm.detokenize(ids).decode("utf-8", errors="replace").strip()
 
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> Answer:
+        """The answer from llama.cpp's chat API where it applies (`chat_api`), else from the
+        shared greedy loop (`Runner.chat`)."""
+        if not self.chat_api or max_new_tokens < 1:  # the API reads max_tokens 0 as no limit
+            return super().chat(messages, max_new_tokens)
+        return self.chat_completion(messages, max_new_tokens)
+
+    def chat_completion(self, messages: list[dict[str, str]], max_new_tokens: int) -> Answer:
+        """Greedy `create_chat_completion`: the GGUF's template, llama.cpp's tokenizer, its
+        end-of-generation tokens. The cache is emptied first so the prompt is evaluated in one
+        prefill, as `Runner.generate` does — the same logits, so the same greedy answer."""
+        self.llm.reset()
+        out: Any = self.llm.create_chat_completion(messages=cast(Any, messages),
+                                                   temperature=0.0, max_tokens=max_new_tokens)
+        usage, choice = out["usage"], out["choices"][0]
+        n_prompt, n_done = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        ids = [int(t) for t in self.llm.input_ids[n_prompt:self.llm.n_tokens]]  # a buffer
+        if len(ids) < n_done:
+            # The last token sampled is returned but never evaluated, so it is not in the
+            # context; greedy picked it as the argmax of the last logits.
+            ids.append(int(np.argmax(self._last_logits())))
+        finish = "stop" if choice["finish_reason"] == "stop" else "length"
+        return Answer(str(choice["message"]["content"] or "").strip(), ids[:n_done], finish,
+                      n_prompt)
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))
+
     def reset(self) -> None:
         self.llm.reset()
 
@@ -275,14 +355,18 @@ class LlamaCppRunner(Runner):
             return np.array(self.llm.scores[start:self.llm.n_tokens], dtype=np.float32)
         # Without logits_all, Llama.eval keeps no scores: read the last token's logits from the
         # context (keeping every position would cost n_ctx × vocab floats).
-        ptr = self.llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32)[None]
+        return self._last_logits().astype(np.float32)[None]
 
     def describe(self) -> dict[str, Any]:
-        """The runtime, whose tokenizer made the token ids, and why when not llama.cpp's."""
+        """The runtime, whose tokenizer made the token ids, how answers were generated, and why
+        when not by llama.cpp's own tokenizer and chat API."""
+        answers = ("llama.cpp chat API (Llama.create_chat_completion, the GGUF's chat "
+                   "template, temperature 0)" if self.chat_api else
+                   "greedy token loop over Llama.eval (distill's Runner.generate)")
+        notes = [n for n in (self.tokenizer_note, self.chat_api_note) if n]
         return {"runtime": "llama.cpp (llama-cpp-python)",
                 "tokenizer": "llama.cpp" if self.own_tokenizer else "transformers",
-                "notes": [self.tokenizer_note] if self.tokenizer_note else []}
+                "answers": answers, "notes": notes}
 
     def close(self) -> None:
         self.llm.close()
