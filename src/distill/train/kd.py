@@ -51,6 +51,7 @@ from distill.train.common import (
     save_student,
     training_kwargs,
 )
+from distill.train.head import logits_at
 from distill.train.kd_data import (
     KDCollator,
     join_generations,
@@ -166,6 +167,15 @@ def student_outputs(model: Any, inputs: dict[str, Any], hidden: bool) -> Any:
                  output_hidden_states=hidden, use_cache=False)
 
 
+def completion_logits(model: Any, inputs: dict[str, Any], hidden: bool, compact: bool
+                      ) -> tuple[Any, Any]:
+    """The student's logits at the completion positions (`inputs["pos"]`, `[B, C, V]`) and its
+    outputs; with `compact` only those positions go through the LM head (`distill.train.head`)."""
+    return logits_at(model, inputs["pos"], compact=compact, input_ids=inputs["input_ids"],
+                     attention_mask=inputs["attention_mask"], output_hidden_states=hidden,
+                     use_cache=False)
+
+
 def xtok_loss(logits: Any, inputs: dict[str, Any], kd: Any, beta: float) -> tuple[KDLoss, Any]:
     """alpha * CE + (1 - alpha) * (T^2 * D(aligned top-k) + uld_weight * ULD), across tokenizers:
     the aligned divergence where a position has a projected target, ULD (sorted-probability L1,
@@ -206,10 +216,11 @@ class KDTrainer(LossPartsLogging, ProjectionsInOptimizer, BucketedSampling, Trai
 
     def __init__(self, *args: Any, kd: Any, teacher: Any = None, projections: Any = None,
                  layer_pairs: list[tuple[int, int]] | None = None, vocab: int,
-                 xtok: bool = False, **kwargs: Any) -> None:
+                 xtok: bool = False, compact_head: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         hold_kd(self, kd, projections, layer_pairs)
         self.teacher, self.vocab, self.xtok = teacher, vocab, xtok
+        self.compact_head = compact_head
         self.beta = divergence_beta(kd.divergence, kd.beta)
         if teacher is not None:
             teacher.to(self.args.device).eval()
@@ -217,14 +228,17 @@ class KDTrainer(LossPartsLogging, ProjectionsInOptimizer, BucketedSampling, Trai
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         hidden = self.projections is not None
-        out = student_outputs(model, inputs, hidden)
-        logits = gather_positions(out.logits, inputs["pos"])[..., : self.vocab]
-        t_out = None
+        compact = self.compact_head
+        logits, out = completion_logits(model, inputs, hidden, compact)
+        logits = logits[..., : self.vocab]
+        t_out = t_logits = None
         if self.teacher is not None and "teacher_input_ids" in inputs:
             with torch.no_grad():
-                t_out = self.teacher(input_ids=inputs["teacher_input_ids"],
-                                     attention_mask=inputs["teacher_attention_mask"],
-                                     output_hidden_states=hidden, use_cache=False)
+                t_logits, t_out = logits_at(
+                    self.teacher, inputs["teacher_pos"], compact=compact,
+                    input_ids=inputs["teacher_input_ids"],
+                    attention_mask=inputs["teacher_attention_mask"],
+                    output_hidden_states=hidden, use_cache=False)
         if self.xtok and ("uld_valid" in inputs or "topk_ids" in inputs):
             parts, u = xtok_loss(logits, inputs, self.kd, self.beta)
             self._record(ce=parts.ce, soft=parts.soft if "topk_ids" in inputs else None, uld=u)
@@ -234,9 +248,9 @@ class KDTrainer(LossPartsLogging, ProjectionsInOptimizer, BucketedSampling, Trai
                             inputs["soft_mask"], alpha=self.kd.alpha,
                             temperature=self.kd.temperature, beta=self.beta,
                             topk_ids=inputs["topk_ids"], topk_valid=inputs["topk_valid"])
-        elif t_out is not None:
-            t_logits = gather_positions(t_out.logits, inputs["teacher_pos"])[..., : self.vocab]
-            parts = kd_loss(logits, inputs["labels"], t_logits, inputs["soft_mask"],
+        elif t_logits is not None:
+            parts = kd_loss(logits, inputs["labels"], t_logits[..., : self.vocab],
+                            inputs["soft_mask"],
                             alpha=self.kd.alpha, temperature=self.kd.temperature,
                             beta=self.beta)
         else:  # no soft target in this batch: the hard-token loss alone
@@ -354,7 +368,8 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
     with tempfile.TemporaryDirectory(prefix="distill-kd-", ignore_cleanup_errors=True) as work:
         trainer = KDTrainer(
             model=model,
-            args=TrainingArguments(**training_kwargs(cfg, work), remove_unused_columns=False),
+            args=TrainingArguments(**training_kwargs(cfg, work, model),
+                                   remove_unused_columns=False),
             train_dataset=examples,
             data_collator=KDCollator(tok.pad_token_id,
                                      teacher_tok.pad_token_id
@@ -363,6 +378,7 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
             callbacks=[*training_callbacks(label), *(callbacks or [])],
             kd=kd, teacher=teacher, projections=projections, layer_pairs=pairs, vocab=vocab,
             xtok=mode != "exact", group_by_length=cfg.train.group_by_length,
+            compact_head=cfg.train.compact_head,
         )
         result, train_s = fit(trainer)
         info = {

@@ -7,6 +7,7 @@ from typing import Any
 
 from distill.chat_template import DEFAULT_CHAT_TEMPLATE, ensure_chat_template
 from distill.config import ConfigError, PipelineConfig
+from distill.train.precision import use_bf16
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "build_student", "count_params", "load_tokenizer"]
 
@@ -58,7 +59,9 @@ def build_student(cfg: PipelineConfig, tok: Any) -> Any:
     _check_dir(name, "train.student")
     return AutoModelForCausalLM.from_pretrained(
         name, trust_remote_code=t.trust_remote_code, use_safetensors=True,
-        dtype=torch.bfloat16 if t.bf16 else torch.float32,
+        # bf16 weights only under LoRA: the frozen base needs no fp32 master copy, while full
+        # fine-tuning keeps fp32 weights (its updates would round away in bf16) under autocast.
+        dtype=torch.bfloat16 if t.lora is not None and use_bf16(cfg) else torch.float32,
     )
 
 
