@@ -18,9 +18,10 @@ Variants (`--variants`, comma-separated):
 - today: distill's train stage with the settings it had before the fast path (full LM head,
   activation checkpointing, LoRA dropout 0.05, random batches).
 - then one lever at a time on top: +no_ckpt, +compact_head, +dropout0, and `sft` = the current
-  defaults (+ length-bucketed batches; bf16 where native).
+  defaults (+ length-bucketed batches; bf16 where native; checkpointing auto, which is on at
+  8 x 256 tokens), `sft@no_ckpt` the same with checkpointing off.
 - xtok_today / xtok: cross-tokenizer KD on the demo teacher's stored top-8 soft targets (its own
-  tokenizer → SmolLM2's), before and after.
+  tokenizer → SmolLM2's), before and after (`xtok@no_ckpt`: checkpointing off).
 - kd_today / kd: same-vocabulary KD with a local teacher (SmolLM2-135M-Instruct itself, frozen,
   full logits each step) — slow, not in the default set.
 
@@ -58,14 +59,17 @@ VARIANTS: dict[str, list[str]] = {
     "+dropout0": ["train.gradient_checkpointing=false", "train.group_by_length=false",
                   "train.bf16=false"],
     "sft": [],
+    "sft@no_ckpt": ["train.gradient_checkpointing=false"],
     "xtok_today": [*OLD, "train.method=kd"],
     "xtok": ["train.method=kd"],
+    "xtok@no_ckpt": ["train.method=kd", "train.gradient_checkpointing=false"],
     "kd_today": [*OLD, "train.method=kd", "train.kd.soft_targets=teacher",
                  f"train.kd.teacher_model={STUDENT}"],
     "kd": ["train.method=kd", "train.kd.soft_targets=teacher",
            f"train.kd.teacher_model={STUDENT}"],
 }
-DEFAULT = "trl,today,+no_ckpt,+compact_head,+dropout0,sft,xtok_today,xtok"
+DEFAULT = ("trl,today,+no_ckpt,+compact_head,+dropout0,sft,sft@no_ckpt,xtok_today,xtok,"
+           "xtok@no_ckpt")
 
 PIPELINE = """\
 name: bench-train

@@ -50,11 +50,17 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def _same_adapters(a: Path, b: Path, atol: float = 1e-5) -> None:
+def _same_adapters(a: Path, b: Path, rel: float = 0.1) -> None:
+    """Every adapter tensor within `rel` (relative Frobenius norm) of the reference's. Loose on
+    purpose, the per-step losses being the exact check: Adam divides each update by its
+    gradient's running RMS, so a near-zero gradient whose last bits differ (another summation
+    order) moves its weight by up to the learning rate either way, and lora_B starts at zero
+    (measured: 3.8% on one v_proj lora_B after 3 steps, the rest closer). A wrong position or
+    target would put the adapters (and the losses) far apart."""
     wa, wb = _adapter(a), _adapter(b)
     assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=k)
+    worst = max((float((wa[k] - wb[k]).norm() / wa[k].norm().clamp(min=1e-12)), k) for k in wa)
+    assert worst[0] < rel, worst
 
 
 # --- the head at the loss positions: unit level ---------------------------------------------------

@@ -26,8 +26,11 @@ from distill.config import PipelineConfig
 
 CPU_VOCAB_TILE = 4096
 """Vocabulary columns per tile of TRL's fused LM head on CPU."""
-MALLOC_THRESHOLD = 1 << 20
-"""Blocks of 1 MiB and more are mmapped (and returned on free); the heap is trimmed above it."""
+MALLOC_THRESHOLD = 16 << 20
+"""Blocks of 16 MiB and more are mmapped (and returned on free); the heap is trimmed above it.
+At 1 MiB every activation of a step was a fresh mmap that the kernel zero-filled page by page:
+LoRA on SmolLM2-135M, 8 rows of ~131 tokens, took 13.65 s per step against 8.72 s unset and
+8.96 s at 16 MiB (peak RSS 3.3 / 4.7 / 4.6 GB, checkpointing off)."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
