@@ -111,14 +111,10 @@ def matmul_peak(dtype_name: str, seconds: float = 1.0) -> float:
     """GFLOP/s of a [1024, 576] x [576, 1536] matmul (SmolLM2's MLP shape) in this process."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-    a @ b
-    reps, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        a @ b
-        reps += 1
-    return 2 * 1024 * 576 * 1536 * reps / elapsed / 1e9
+    sys.path.insert(0, str(ROOT / "src"))
+    from distill.train.precision import matmul_gflops
+
+    return matmul_gflops(getattr(torch, dtype_name), seconds=seconds, shape=(1024, 576, 1536))
 
 
 def row_tokens(cfg: Any, rows: list[dict[str, Any]]) -> tuple[float, float]:

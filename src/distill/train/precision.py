@@ -35,18 +35,21 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def matmul_gflops(dtype: object, n: int = 512, seconds: float = 0.15) -> float:
-    """Achieved GFLOP/s of an [n, n] x [n, n] matmul in `dtype` on the current threads."""
+def matmul_gflops(dtype: object, n: int = 512, seconds: float = 0.15,
+                  shape: tuple[int, int, int] | None = None) -> float:
+    """Achieved GFLOP/s of an [m, k] x [k, n] matmul (`shape`, default [n, n] x [n, n]) in
+    `dtype` on the current threads."""
     import torch
 
     assert isinstance(dtype, torch.dtype)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    m, k, cols = shape or (n, n, n)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, cols, dtype=dtype)
     a @ b  # warm-up: oneDNN picks and caches its kernel on the first call
     reps, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
         a @ b
         reps += 1
-    return 2 * n**3 * reps / elapsed / 1e9
+    return 2 * m * k * cols * reps / elapsed / 1e9
 
 
 @cache
