@@ -35,7 +35,7 @@ from distill.teachers.batch_files import (  # noqa: E402
     split_lines,
     write_batch_jsonl,
 )
-from distill.teachers.cache import ResponseCache  # noqa: E402
+from distill.teachers.cache import ResponseCache, cache_key  # noqa: E402
 from distill.teachers.engine import EngineStats, run_jobs  # noqa: E402
 from distill.teachers.estimate import estimate  # noqa: E402
 from tests.projects import write_sum_project
@@ -202,6 +202,10 @@ def test_kill_after_submission_then_rerun_polls_the_same_batch(tmp_path: Path) -
         assert len(server.batch.created) == 1  # polled, never submitted again
         assert len(server.batch.lines) == 12  # each sample ran (and was paid for) once
         assert server.chat_count == 0
+        # The manifest counts lines per route: this process resumed the one batch, sent none.
+        lines = entry["batch"]
+        assert (lines["batches_resumed"], lines["lines_resumed"]) == (1, 12)
+        assert lines["batches_submitted"] == lines["lines_online"] == lines["lines_follow_up"] == 0
         rows = read_jsonl(tmp_path / "run" / "generate" / "generations.jsonl")
         assert all(r["teacher_served"] == "fake-model" for r in rows)
         billed = sum(r["prompt_tokens"] * 2.0 + r["completion_tokens"] * 8.0 for r in rows) / 1e6
@@ -294,8 +298,8 @@ def test_retries_are_bounded_and_bad_requests_not_retried(fake_server: FakeServe
         return ok(req)
 
     fake_server.handler = handler
-    results, stats, _ = run(batch_cfg(fake_server.url, max_retries=2), make_jobs(4),
-                            tmp_path / "b.json")
+    cfg = batch_cfg(fake_server.url, max_retries=2, batch_follow_ups=2)  # every retry in batch
+    results, stats, _ = run(cfg, make_jobs(4), tmp_path / "b.json")
     assert results[("q3", 0)].error is None
     assert "always down" in results[("q0", 0)].error and "gave up after 3" in results[
         ("q0", 0)].error
@@ -308,7 +312,111 @@ def test_retries_are_bounded_and_bad_requests_not_retried(fake_server: FakeServe
     assert sent.count("q0") == 3 and sent.count("q1") == 1 and sent.count("q3") == 1
     seeds = [r.body["seed"] for r in fake_server.batch.lines if r.prompt == "q2"]
     assert len(set(seeds)) == 3
-    assert stats.failed == 3
+    assert stats.failed == 3 and fake_server.chat_count == 0
+
+
+# follow-up batches, then online (#27) -------------------------------------------------------
+def batch_only_failures(fail: set[str]) -> Any:
+    """Lines for prompts in `fail` fail on every batch attempt (a 500 line) and succeed online
+    (the fake server runs batch lines with no headers; online requests carry them)."""
+    def handler(req: Request) -> Reply:
+        if req.prompt in fail and not req.headers:
+            return Reply(500, error_body("batch worker lost"))
+        return ok(req)
+
+    return handler
+
+
+def sent_per_line(server: FakeServer) -> dict[str, int]:
+    """How many times each prompt was run (and billed), in batches and online together."""
+    out: dict[str, int] = {}
+    for req in [*server.batch.lines, *server.chat_requests()]:
+        out[req.prompt] = out.get(req.prompt, 0) + 1
+    return out
+
+
+FAILING = {f"q{i}" for i in range(0, 200, 20)}  # 5% of 200
+"""The measured case: 10 of 200 lines fail in every batch; before #27 (`batch_retry: batch`,
+max_retries 6) that made 7 batches, 260 batch lines and 10 error rows."""
+
+
+@pytest.mark.parametrize(("follow_ups", "batches"), [(None, 2), (0, 1), (3, 4)])
+def test_failed_lines_go_online_after_the_follow_up_batches(
+        fake_server: FakeServer, tmp_path: Path, follow_ups: int | None, batches: int) -> None:
+    fake_server.handler = batch_only_failures(FAILING)
+    kw = {} if follow_ups is None else {"batch_follow_ups": follow_ups}
+    cfg = batch_cfg(fake_server.url, max_retries=6, **kw)  # default: one follow-up batch
+    jobs = make_jobs(200)
+    results, stats, teacher = run(cfg, jobs, tmp_path / "b.json")
+    assert_all_ok(results, jobs)  # every seed has a row, none an error
+    assert len(fake_server.batch.created) == batches == teacher.counters["batches_submitted"]
+    assert [len(batch_lines(fake_server, i)) for i in range(batches)] == [200] + [10] * (
+        batches - 1)
+    assert sorted(r.prompt for r in fake_server.chat_requests()) == sorted(FAILING)
+    # No completed line is sent again; a failing one runs once per batch, then once online.
+    assert sent_per_line(fake_server) == {
+        j.key: batches + 1 if j.key in FAILING else 1 for j in jobs}
+    c = teacher.counters
+    routes = {k: c[k] for k in ("lines_first_batch", "lines_follow_up", "lines_online",
+                                "lines_resumed", "lines_failed", "lines_expired")}
+    assert routes == {"lines_first_batch": 200, "lines_follow_up": 10 * (batches - 1),
+                      "lines_online": 10, "lines_resumed": 0, "lines_failed": 10 * batches,
+                      "lines_expired": 0}
+    sends = c["lines_first_batch"] + c["lines_follow_up"] + c["lines_online"]
+    assert sends == len(fake_server.batch.lines) + fake_server.chat_count == 200 + 10 * batches
+    assert sends - c["lines_failed"] == len(results) == stats.sent
+    assert teacher.manifest_stats() == {"batch": c}
+    online = results[("q20", 0)]
+    assert "batch" not in online.extra and "price_factor" not in online.extra  # full price
+    assert results[("q1", 0)].extra["price_factor"] == 0.5
+
+
+def test_batch_retry_online_is_zero_follow_ups() -> None:
+    assert BatchTeacher(batch_cfg("http://localhost:1/v1", batch_retry="online")).follow_ups == 0
+    assert BatchTeacher(batch_cfg("http://localhost:1/v1")).follow_ups == 1
+    with pytest.raises(ValueError, match="batch_retry: online means batch_follow_ups: 0"):
+        batch_cfg("http://localhost:1/v1", batch_retry="online", batch_follow_ups=2)
+
+
+def test_rerun_polls_in_flight_follow_up_then_goes_online(fake_server: FakeServer,
+                                                          tmp_path: Path) -> None:
+    """A process submitted the first batch and its follow-up, then died: the rerun polls the
+    follow-up (submits nothing), and its lines that fail again go online: two batches spent."""
+    fail = {"q1", "q3"}
+    fake_server.handler = batch_only_failures(fail)
+    cfg = batch_cfg(fake_server.url)
+    jobs = make_jobs(5)
+    record_path = tmp_path / "b.json"
+    first = [make_line(cfg, "openai", j, 0) for j in jobs]
+    follow = [x for x in first if x.job.key in fail]
+    from openai import OpenAI
+
+    client = OpenAI(base_url=fake_server.url, api_key="EMPTY")
+    record = BatchRecord(record_path)
+    for i, lines in enumerate((first, follow)):
+        up = client.files.create(file=("b.jsonl", b"".join(x.data for x in lines),
+                                       "application/jsonl"), purpose="batch")
+        intent = record.intend(up.id, [x.custom_id for x in lines])
+        b = client.batches.create(input_file_id=up.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"distill_tag": intent["tag"]})
+        rec = record.add(b.id, intent, b.status)
+        if i == 0:
+            record.mark(rec, status="completed", collected=True)  # its good lines: cached
+    client.close()
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    for x in first:
+        if x.job.key not in fail:
+            cache.put(cache_key("openai", "fake-model", x.job.messages, x.job.params, 0,
+                                x.job.response_format), Completion(text=f"earlier {x.job.key}"))
+    results, stats, teacher = run(cfg, jobs, record_path, cache)
+    cache.close()
+    assert_all_ok(results, jobs)
+    assert stats.cached == 3 and len(fake_server.batch.created) == 2  # nothing submitted
+    assert sorted(r.prompt for r in fake_server.chat_requests()) == ["q1", "q3"]
+    assert sent_per_line(fake_server) == {"q0": 1, "q1": 3, "q2": 1, "q3": 3, "q4": 1}
+    c = teacher.counters
+    assert (c["batches_resumed"], c["lines_resumed"], c["batches_submitted"]) == (1, 2, 0)
+    assert (c["lines_first_batch"], c["lines_follow_up"], c["lines_online"]) == (0, 0, 2)
 
 
 @pytest.mark.parametrize("outcome", ["expired", "cancelled"])
@@ -324,7 +432,7 @@ def test_expired_or_cancelled_batch_resubmits_only_what_is_missing(
     second = {x["body"]["messages"][0]["content"] for x in batch_lines(fake_server, 1)}
     assert len(second) == 5 and not second & first_done
     assert len(fake_server.batch.lines) == 10  # nothing ran (or was paid for) twice
-    assert teacher.counters["lines_resubmitted"] == 5
+    assert teacher.counters["lines_expired"] == 5
 
 
 def test_failed_batch_is_retried_then_ends_as_error_rows(fake_server: FakeServer,

@@ -128,8 +128,15 @@ class TeacherConfig(Strict):
     """Seconds between status polls of submitted batches."""
     batch_price_factor: float = Field(0.5, ge=0, le=1)
     """Batch price as a fraction of price_in/price_out_per_mtok (OpenAI: half price)."""
+    batch_follow_ups: int = Field(1, ge=0)
+    """Follow-up batches a line may go in after its first batch before it is sent online (at the
+    full price): each batch can take up to 24h, so a line waits at most `1 + batch_follow_ups`
+    batch windows. A line goes again when it failed (counted against max_retries) or its batch
+    expired or was cancelled before running it. 0: failed lines go straight online. The count
+    is per line and read from the batch record, so a rerun carries it on."""
     batch_retry: Literal["batch", "online"] = "batch"
-    """Failed batch lines are retried (up to max_retries) in a follow-up batch, or online."""
+    """Older spelling, kept valid: `online` is `batch_follow_ups: 0`; `batch` (the default)
+    follows `batch_follow_ups`."""
     batch_max_requests: int = Field(50_000, ge=1)
     """Requests per batch file (OpenAI's limit: 50,000); larger jobs split into several."""
     batch_max_bytes: int = Field(200_000_000, ge=1024)
@@ -143,6 +150,10 @@ class TeacherConfig(Strict):
         if self.batch and self.backend != "openai":
             raise ValueError("batch: true needs backend: openai (an OpenAI-compatible Batch "
                              "API)")
+        if (self.batch_retry == "online" and self.batch_follow_ups
+                and "batch_follow_ups" in self.model_fields_set):
+            raise ValueError("batch_retry: online means batch_follow_ups: 0; set only "
+                             "batch_follow_ups")
         return self
 
 

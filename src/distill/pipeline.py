@@ -12,13 +12,14 @@ from rich.console import Console
 
 from distill.config import ConfigError, PipelineConfig, stage_files
 from distill.records import RunDir, atomic_path, file_fingerprint, fingerprint, now, write_json
+from distill.runlock import RunLock
 from distill.stages import entry
 
 # The teacher settings that change how fast the outputs come, not what they are: left out of the
 # fingerprints (a `teacher` section in `Stage.sections` is the teacher's identity).
 _TEACHER_RUNTIME_KEYS = {"max_concurrency", "requests_per_minute", "tokens_per_minute",
                          "timeout_s", "max_retries", "max_cost_usd", "batch_size", "device",
-                         "base_url", "api_key_env"}
+                         "base_url", "api_key_env", "batch_follow_ups"}
 
 # These two hash what they read from earlier stages before their files, the rest after: the
 # order the fingerprints had before the stage table, kept so that finished runs stay finished.
@@ -137,15 +138,15 @@ def run_pipeline(cfg: PipelineConfig, run: RunDir, stages: list[str] | None = No
 
     stages = list(stages or cfg.stages)
     preflight(cfg, pending_stages(cfg, run, stages, force), where)
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(cfg, run)
-    m = run.manifest()
-    if m.get("name") != cfg.name:
-        m["name"] = cfg.name
-        write_json(run.manifest_path, m)
-    for stage in stages:
-        run_stage(stage, cfg, run, force=force)
-    from distill.evaluate.report import write_report
+    with RunLock(run.root):  # before anything is written; a second distill here exits 2
+        write_resolved_config(cfg, run)
+        m = run.manifest()
+        if m.get("name") != cfg.name:
+            m["name"] = cfg.name
+            write_json(run.manifest_path, m)
+        for stage in stages:
+            run_stage(stage, cfg, run, force=force)
+        from distill.evaluate.report import write_report
 
-    write_report(run)
-    return run.manifest()
+        write_report(run)
+        return run.manifest()

@@ -122,7 +122,7 @@ def generate_adaptive(cfg: PipelineConfig, run_dir: RunDir
     for row in rows:
         row["seed_samples"] = drawn[row["seed_id"]]
     summary = adaptive_stats(a, seeds, drawn, verified, solved_in, per_round, total)
-    return rows, summary | soft_targets.manifest_note(cfg, rows)
+    return rows, summary | soft_targets.manifest_note(cfg, rows) | batching.stats(teacher)
 
 
 def adaptive_stats(a: AdaptiveConfig, seeds: list[dict[str, Any]], drawn: Counter[str],

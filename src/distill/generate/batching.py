@@ -20,6 +20,13 @@ def record_path(run_dir: RunDir) -> Path:
     return run_dir.stage("generate") / RECORD
 
 
+def stats(teacher: Any) -> dict[str, Any]:
+    """The Batch API teacher's per-route line counts for the manifest (`{"batch": {...}}`), or
+    nothing for an online teacher."""
+    manifest_stats = getattr(teacher, "manifest_stats", None)
+    return manifest_stats() if callable(manifest_stats) else {}
+
+
 def carried(run_dir: RunDir) -> dict[str, Any]:
     """`write_stage` extra files: the batch record, when there is one."""
     path = record_path(run_dir)

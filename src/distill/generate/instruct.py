@@ -317,4 +317,4 @@ def generate_instructions(cfg: PipelineConfig, run_dir: RunDir
     if len(pool) < si.num_instructions:
         stats["note"] = (f"only {len(pool)} of {si.num_instructions} novel instructions after "
                          f"{rounds} rounds (raise max_rounds or novelty_threshold)")
-    return rows, stats | soft_targets.manifest_note(cfg, rows)
+    return rows, stats | soft_targets.manifest_note(cfg, rows) | batching.stats(calls.teacher)

@@ -36,6 +36,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         teacher = make_teacher(cfg.teacher, batch_record=batching.record_path(run_dir),
                                **soft_targets.teacher_options(cfg))
         rows, stats = generate_cot(cfg, run_dir, teacher, load_seeds(cfg))
+        stats |= batching.stats(teacher)
     # The writers take rows as plain dicts; `GenerationRow` is the schema they were built to.
     write_stage(run_dir.stage("generate"), cast(list[dict[str, Any]], rows), "generations.jsonl",
                 extra=batching.carried(run_dir))

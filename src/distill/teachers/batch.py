@@ -10,10 +10,15 @@ client's. What can go wrong, and what happens:
   moment the provider returns it; a tag in the batch metadata covers the instant between). The
   rerun polls that batch for the samples the cache still lacks and submits nothing again.
 - a line fails (error file, a non-200 line, empty or invalid content, a `finish_reason` policy
-  asking for a retry): retried in a follow-up batch, or online (`batch_retry`), up to
-  `max_retries`; then an error row. Bad requests (4xx) are not retried.
-- the batch expires or is cancelled: its finished lines are kept, and only the missing ones are
-  submitted again (no retry is counted: nothing was wrong with them).
+  asking for a retry): it goes again, up to `max_retries` times; then an error row. Bad requests
+  (4xx) are not retried.
+- the batch expires or is cancelled: its finished lines are kept, and only the missing ones go
+  again (no retry is counted: nothing was wrong with them).
+- where a line goes again: a follow-up batch while it has been in at most `batch_follow_ups`
+  batches (counted over the batch record, so a rerun carries the count on), else online at the
+  full price. Each batch can take 24h: a line waits at most `1 + batch_follow_ups` windows.
+- nothing is paid twice: a line that came back with a completion is never sent again, and the
+  lines of batches still running (this process's or an earlier one's) are only polled.
 - `max_cost_usd`: each batch reserves its worst case at the batch price before it is created;
   lines that do not fit wait for running batches to settle, or end as budget error rows.
 - large jobs are split under `batch_max_requests` and `batch_max_bytes` per file.
@@ -54,6 +59,13 @@ from distill.teachers.responses import (
 log = logging.getLogger(__name__)
 
 _MISSING_CODES = ("batch_expired", "batch_cancelled")
+ROUTES = ("batches_submitted", "batches_resumed", "polls", "lines_first_batch", "lines_follow_up",
+          "lines_online", "lines_resumed", "lines_failed", "lines_expired")
+"""`BatchTeacher.counters`. The lines each route sent, each line counted once per send:
+`lines_first_batch` (in a line's first batch), `lines_follow_up` (in a later batch),
+`lines_online` (at the full price), `lines_resumed` (in batches an earlier process submitted,
+polled here). Of those batch lines, `lines_failed` came back without a completion to keep and
+`lines_expired` were not run (their batch expired or was cancelled)."""
 _RETRYABLE = {408, 409, 425, 429}
 
 
@@ -69,6 +81,8 @@ class _Item:
     reserved: float = 0.0
     carried: list[int] = field(default_factory=lambda: [0, 0])
     last_error: str = "no attempt made"
+    batches: int = 0
+    """Batches this sample was put in, by this process or an earlier one (the record)."""
 
 
 class _Fatal(Exception):
@@ -96,13 +110,13 @@ class BatchTeacher:
         self.record = BatchRecord(record_path)
         self.require_logprobs = require_logprobs
         self.online_options = online_options
-        """Passed to the online client that retries failed lines (`batch_retry: online`)."""
+        """Passed to the online client that takes the lines whose batches are spent."""
+        self.follow_ups = 0 if cfg.batch_retry == "online" else cfg.batch_follow_ups
+        """Follow-up batches a line may go in before it goes online (`batch_follow_ups`)."""
         f = cfg.batch_price_factor
         self.budget = Budget(cfg.max_cost_usd, cfg.price_in_per_mtok * f,
                              cfg.price_out_per_mtok * f)
-        self.counters: dict[str, int] = dict.fromkeys(
-            ("batches_submitted", "batches_resumed", "lines_submitted", "lines_failed",
-             "lines_resubmitted", "lines_online", "polls"), 0)
+        self.counters: dict[str, int] = dict.fromkeys(ROUTES, 0)
         self.logprobs_missing = 0
         self._fatal: tuple[ErrorKind, str] | None = None
         self._client: Any = None
@@ -118,6 +132,10 @@ class BatchTeacher:
     @property
     def budget_stopped(self) -> bool:
         return self.budget.closed
+
+    def manifest_stats(self) -> dict[str, Any]:
+        """For the stage's manifest entry: how many lines went which route (`ROUTES`)."""
+        return {"batch": dict(self.counters)}
 
     def _open(self) -> None:
         from openai import AsyncOpenAI
@@ -152,6 +170,10 @@ class BatchTeacher:
         active = await self._resume(items)
         while True:
             ready = [it for cid, it in items.items() if cid not in self._waiting]
+            if not self._fatal:  # lines whose batches are spent go online, once, at the end
+                for it in [it for it in ready if it.batches > self.follow_ups]:
+                    online.append(items.pop(it.cid))
+                ready = [it for it in ready if it.cid in items]
             if ready:
                 for result in await self._submit(ready, items, active):
                     yield result
@@ -166,7 +188,7 @@ class BatchTeacher:
                 if batch is None or batch.status not in TERMINAL:
                     continue
                 try:
-                    results = await self._collect(rec, batch, items, online)
+                    results = await self._collect(rec, batch, items)
                 except Exception as err:  # noqa: BLE001 - download again on the next poll
                     log.warning("batch %s: downloading results failed (%s); retrying",
                                 rec["id"], type(err).__name__)
@@ -188,6 +210,10 @@ class BatchTeacher:
     async def _resume(self, items: dict[str, _Item]) -> list[dict[str, Any]]:
         """Batches an earlier process submitted for these samples: poll them, never resubmit."""
         await self.record.recover(self._client)
+        for rec in self.record.batches:
+            for cid in rec.get("custom_ids", []):
+                if cid in items:
+                    items[cid].batches += 1
         active = []
         for rec in self.record.open():
             mine = [cid for cid in rec.get("custom_ids", []) if cid in items]
@@ -198,6 +224,7 @@ class BatchTeacher:
             self._waiting.update(mine)
             active.append(rec)
             self.counters["batches_resumed"] += 1
+            self.counters["lines_resumed"] += len(mine)
             log.info("batch %s: resuming (%d samples still wanted)", rec["id"], len(mine))
         return active
 
@@ -226,7 +253,7 @@ class BatchTeacher:
         for chunk in split_lines(lines, self.cfg.batch_max_requests, self.cfg.batch_max_bytes):
             if not self._fatal:
                 try:
-                    active.append(await self._create(chunk))
+                    active.append(await self._create(chunk, items))
                     continue
                 except _Fatal as err:
                     self._fatal = (err.kind, err.why)
@@ -237,7 +264,7 @@ class BatchTeacher:
                     for line in chunk:
                         item = items[line.custom_id]
                         self._unreserve(item)
-                        out += self._some(self._retry(items, item, "batch", why, None))
+                        out += self._some(self._retry(items, item, "batch", why))
                     await asyncio.sleep(self.cfg.batch_poll_s)
                     continue
             assert self._fatal is not None
@@ -246,7 +273,7 @@ class BatchTeacher:
         # Lines held back by the budget wait for the running batches to settle.
         return out
 
-    async def _create(self, chunk: list[Line]) -> dict[str, Any]:
+    async def _create(self, chunk: list[Line], items: dict[str, _Item]) -> dict[str, Any]:
         import openai
 
         data = b"".join(line.data for line in chunk)
@@ -265,7 +292,10 @@ class BatchTeacher:
         rec = self.record.add(batch.id, intent, batch.status)
         self._waiting.update(line.custom_id for line in chunk)
         self.counters["batches_submitted"] += 1
-        self.counters["lines_submitted"] += len(chunk)
+        for line in chunk:
+            item = items[line.custom_id]
+            self.counters["lines_follow_up" if item.batches else "lines_first_batch"] += 1
+            item.batches += 1
         log.info("batch %s: submitted %d requests (%d bytes)", batch.id, len(chunk), len(data))
         return rec
 
@@ -281,8 +311,8 @@ class BatchTeacher:
         return batch
 
     # taking results in ----------------------------------------------------------------------
-    async def _collect(self, rec: dict[str, Any], batch: Any, items: dict[str, _Item],
-                       online: list[_Item]) -> list[Result]:
+    async def _collect(self, rec: dict[str, Any], batch: Any, items: dict[str, _Item]
+                       ) -> list[Result]:
         mine = {cid for cid in rec.get("custom_ids", []) if cid in items and cid in self._waiting}
         texts = []
         for file_id in (batch.output_file_id, batch.error_file_id):
@@ -299,7 +329,7 @@ class BatchTeacher:
                     continue
                 seen.add(cid)
                 self._waiting.discard(cid)
-                out += await self._take(items, items[cid], rec["id"], status, body, why, online)
+                out += await self._take(items, items[cid], rec["id"], status, body, why)
         missing = mine - seen
         failure = _batch_errors(batch)
         for cid in sorted(missing):
@@ -307,30 +337,29 @@ class BatchTeacher:
             self._waiting.discard(cid)
             self._unreserve(item)
             if batch.status in ("expired", "cancelled"):
-                self.counters["lines_resubmitted"] += 1  # not its fault: no attempt counted
+                self.counters["lines_expired"] += 1  # not its fault: no attempt counted
             else:
                 why = failure or f"missing from the output of batch {rec['id']} ({batch.status})"
-                out += self._some(self._retry(items, item, "batch", why, online))
+                out += self._failed(items, item, "batch", why)
         self.record.mark(rec, status=batch.status, collected=True)
         log.info("batch %s: %s; %d results, %d missing", rec["id"], batch.status, len(seen),
                  len(missing))
         return out
 
     async def _take(self, items: dict[str, _Item], item: _Item, batch_id: str,
-                    status: int | None, body: Any, why: str | None,
-                    online: list[_Item]) -> list[Result]:
+                    status: int | None, body: Any, why: str | None) -> list[Result]:
         if why is not None:
             self._unreserve(item)
-            self.counters["lines_failed"] += 1
             if any(code in why for code in _MISSING_CODES):
-                self.counters["lines_resubmitted"] += 1
+                self.counters["lines_expired"] += 1
                 return []
             if status is not None and status < 500 and status not in _RETRYABLE:
+                self.counters["lines_failed"] += 1
                 return [self._final(items, item, "bad_request", why)]  # a bad request stays bad
             # A line the server failed (5xx, 408, ...) or rate limited; else the batch lost it.
             kind: ErrorKind = ("rate_limit" if status == 429
                                else "server" if status is not None else "batch")
-            return self._some(self._retry(items, item, kind, why, online))
+            return self._failed(items, item, kind, why)
         choices = [c for c in body.get("choices") or [] if isinstance(c, dict)]
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         prompt = usage.get("prompt_tokens")
@@ -343,13 +372,11 @@ class BatchTeacher:
         item.carried[0] += prompt
         item.carried[1] += completion
         if not choices:
-            return self._some(self._retry(items, item, "empty", "empty response: no choices",
-                                          online))
+            return self._failed(items, item, "empty", "empty response: no choices")
         read = read_choice(self.cfg, item.job, choices[0])
         if read.policy == "retry":
             item.reseed += 1
-            return self._some(self._retry(items, item, read.kind or "other", retry_note(read),
-                                          online))
+            return self._failed(items, item, read.kind or "other", retry_note(read))
         comp = Completion(text=read.text, reasoning=read.reasoning,
                           finish_reason=read.finish_reason, prompt_tokens=item.carried[0],
                           completion_tokens=item.carried[1])
@@ -373,18 +400,21 @@ class BatchTeacher:
         del items[item.cid]
         return [(item.job, item.sample, comp)]
 
-    def _retry(self, items: dict[str, _Item], item: _Item, kind: ErrorKind, why: str,
-               online: list[_Item] | None) -> Result | None:
-        """Count a failed attempt: the item goes back to the queue (or online), or ends as an
-        error row when its retries are spent."""
+    def _failed(self, items: dict[str, _Item], item: _Item, kind: ErrorKind, why: str
+                ) -> list[Result]:
+        """A line that came back from a batch without a completion to keep."""
+        self.counters["lines_failed"] += 1
+        return self._some(self._retry(items, item, kind, why))
+
+    def _retry(self, items: dict[str, _Item], item: _Item, kind: ErrorKind, why: str
+               ) -> Result | None:
+        """Count a failed attempt: the item stays queued (`stream` sends it in a follow-up batch
+        or online), or ends as an error row when its retries are spent."""
         item.attempts += 1
         item.last_error = why
         if item.attempts > self.cfg.max_retries:
             return self._final(items, item, kind,
                                f"{why} (gave up after {item.attempts} attempts)")
-        if self.cfg.batch_retry == "online" and online is not None:
-            del items[item.cid]
-            online.append(item)
         return None
 
     @staticmethod
@@ -414,7 +444,8 @@ class BatchTeacher:
             log.warning("batch teacher: %s", NO_LOGPROBS)
 
     async def _online(self, pending: list[_Item]) -> AsyncIterator[Result]:
-        """`batch_retry: online`: failed lines go through the online client (full price)."""
+        """Lines whose batches are spent (`batch_follow_ups`) go through the online client, at
+        the full price, with its own retries (`max_retries`)."""
         self.counters["lines_online"] += len(pending)
         teacher = OpenAITeacher(self.cfg, require_logprobs=self.require_logprobs,
                                 **self.online_options)
