@@ -58,6 +58,20 @@ def noting_the_student(train):
 
 
 stage.TRAINERS.update({m: noting_the_student(f) for m, f in stage.TRAINERS.items()})
+if os.environ.get("KILL_AT_STEP") and os.environ["RANK"] == "0":  # SIGKILL rank 0 mid-train
+    import signal
+
+    from transformers import TrainerCallback
+
+    import distill.train.progress as progress
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == int(os.environ["KILL_AT_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    plain = progress.training_callbacks
+    progress.training_callbacks = lambda label: plain(label) + [KillAt()]
 try:
     main()
 except SystemExit as done:
@@ -137,7 +151,8 @@ def test_train_under_accelerate_launch_two_processes(tmp_path: Path, method: str
     student = run_dir / "student"
     assert (student / "model.safetensors").is_file()
     assert (student / "adapter" / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".lock"]
+    assert (run_dir / ".lock").read_text() == ""  # released by rank 0, which held it
     assert log.count("Writing model shards: 100%") <= 1  # the merged model: main process only
     # every process found the saved student when its training call returned (the barrier)
     saved = sorted(p.name for p in student.iterdir())
@@ -147,3 +162,60 @@ def test_train_under_accelerate_launch_two_processes(tmp_path: Path, method: str
 
     assert AutoTokenizer.from_pretrained(student).chat_template == CHAT_TEMPLATE
     AutoModelForCausalLM.from_pretrained(student)  # loads as a plain model
+
+
+def _launch(project: Path, run_dir: Path, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [*_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           "driver.py", "train", "pipelines/ddp.yaml", "--run-dir", str(run_dir)]
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                        "TOKENIZERS_PARALLELISM": "false"} | env_extra
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
+                          timeout=280)
+
+
+def test_sigkill_under_accelerate_then_rerun_resumes_to_the_same_student(tmp_path: Path
+                                                                         ) -> None:
+    """Two DDP processes, a checkpoint every 2 steps; rank 0 SIGKILLed at step 5 (the launcher
+    stops rank 1); the relaunch resumes both from checkpoint-4 and ends where an uninterrupted
+    run ends (loss curve and weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name in ("straight", "killed"):
+        project = _project(tmp_path / name, "sft")
+        yaml = project / "pipelines" / "ddp.yaml"
+        yaml.write_text(yaml.read_text().replace("  epochs: 1\n",
+                                                 "  epochs: 1\n  max_steps: 6\n  save_steps: 2\n"))
+        runs[name] = project
+    straight = _launch(runs["straight"], runs["straight"] / "run")
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
+    killed_run = runs["killed"] / "run"
+    first = _launch(runs["killed"], killed_run, KILL_AT_STEP="5")
+    assert first.returncode != 0
+    ckpts = sorted(p.name for p in (killed_run / "checkpoints" / "student").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
+    # each process's RNG state is in the checkpoint
+    assert sorted(p.name for p in (killed_run / "checkpoints" / "student" / "checkpoint-4")
+                  .glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    again = _launch(runs["killed"], killed_run)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert "resuming from" in log and "checkpoint-4" in log
+
+    def student(run: Path) -> dict[str, Any]:
+        info: dict[str, Any] = json.loads((run / "manifest.json").read_text())["stages"][
+            "train"]["students"]["student"]
+        return info
+
+    a, b = student(runs["straight"] / "run"), student(killed_run)
+    assert b["resumed_from_step"] == 4 and a["steps"] == b["steps"] == 6
+    assert [s for s, _ in a["loss_history"]] == [s for s, _ in b["loss_history"]]
+    for (_, la), (_, lb) in zip(a["loss_history"], b["loss_history"], strict=True):
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    wa = load_file(str(runs["straight"] / "run" / "student" / "model.safetensors"))
+    wb = load_file(str(killed_run / "student" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -540,6 +540,17 @@ class TrainConfig(Strict):
     activation_memory_gb: float = Field(4.0, gt=0)
     """The activation budget of `gradient_checkpointing: auto`."""
     logging_steps: int = 10
+    save_steps: int | None = Field(None, ge=1)
+    """Write a training checkpoint (weights or LoRA adapter, optimizer, scheduler, RNG, data
+    position) every this many optimizer steps; None: by `save_minutes` only. A rerun of a stage
+    that did not finish resumes from the last complete one (`distill.train.checkpoints`)."""
+    save_minutes: float | None = Field(10.0, gt=0)
+    """...and/or every this many minutes of training (None: by `save_steps` only; both None: no
+    checkpoints). SmolLM2-135M on CPU: a LoRA r16 checkpoint is 63 MB in 0.6-0.9 s, a full
+    fine-tuning one 1.6 GB in 2-5 s, so every 10 minutes costs < 1% of training time."""
+    save_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept per student (the oldest are removed); all are removed once the student
+    is saved."""
     seed: int | None = None
 
 

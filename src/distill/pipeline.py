@@ -21,6 +21,9 @@ _TEACHER_RUNTIME_KEYS = {"max_concurrency", "requests_per_minute", "tokens_per_m
                          "timeout_s", "max_retries", "max_cost_usd", "batch_size", "device",
                          "base_url", "api_key_env", "batch_follow_ups"}
 
+# How often training checkpoints are written changes nothing a stage produces.
+TRAIN_RUNTIME_KEYS = frozenset({"save_steps", "save_minutes", "save_total_limit"})
+
 # These two hash what they read from earlier stages before their files, the rest after: the
 # order the fingerprints had before the stage table, kept so that finished runs stay finished.
 _READS_BEFORE_FILES = frozenset({"filter", "train"})
@@ -53,6 +56,8 @@ def _config_part(cfg: PipelineConfig, data: dict[str, Any], key: str) -> Any:
     """The value of a section or dotted key of the config (see `Stage.sections`)."""
     if key == "teacher":
         return _teacher_identity(cfg)
+    if key == "train":
+        return {k: v for k, v in data["train"].items() if k not in TRAIN_RUNTIME_KEYS}
     node: Any = data
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None

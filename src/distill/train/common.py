@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill.chat_template import ensure_chat_template
 from distill.config import ConfigError, PipelineConfig
@@ -21,19 +21,23 @@ from distill.train.memory import use_activation_checkpointing
 from distill.train.precision import use_bf16
 from distill.train.student import build_student
 
+if TYPE_CHECKING:
+    from distill.train.checkpoints import Checkpoints
+
 # --- the training run ---------------------------------------------------------------------------
 
 
-def training_kwargs(cfg: PipelineConfig, output_dir: str, model: Any = None) -> dict[str, Any]:
+def training_kwargs(cfg: PipelineConfig, output_dir: str, model: Any = None,
+                    checkpoints: Checkpoints | None = None) -> dict[str, Any]:
     """TrainingArguments fields every method sets the same way: one schedule for all students.
 
     SFT passes them to TRL's SFTConfig, KD to transformers' TrainingArguments, GKD to TRL's
     GKDConfig, each adding its own fields. `model` (the student) sizes `gradient_checkpointing:
-    auto`."""
+    auto`; `checkpoints` sets the output dir and the save cadence (default: no checkpoints)."""
     import torch
 
     t = cfg.train
-    return dict(
+    kwargs = dict(
         output_dir=output_dir, num_train_epochs=t.epochs, max_steps=t.max_steps,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
@@ -45,6 +49,7 @@ def training_kwargs(cfg: PipelineConfig, output_dir: str, model: Any = None) -> 
         activation_checkpointing=use_activation_checkpointing(cfg, model),
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
     )
+    return kwargs | (checkpoints.trainer_kwargs() if checkpoints is not None else {})
 
 
 def lora_config(cfg: PipelineConfig) -> Any:
@@ -58,13 +63,25 @@ def lora_config(cfg: PipelineConfig) -> Any:
                       target_modules=lo.target_modules, task_type="CAUSAL_LM")
 
 
-def fit(trainer: Any) -> tuple[Any, float]:
-    """Run the trainer with distill's progress lines; (its TrainOutput, seconds)."""
+def fit(trainer: Any, checkpoints: Checkpoints | None = None) -> tuple[Any, float]:
+    """Run the trainer with distill's progress lines, resuming from the job's last checkpoint
+    when there is one; (its TrainOutput, training seconds, those before a resume included)."""
+    from distill.train.checkpoints import CheckpointExtras
     from distill.train.progress import quiet_trainer
 
-    t0 = time.perf_counter()
-    result = quiet_trainer(trainer).train()
-    return result, round(time.perf_counter() - t0, 2)
+    if checkpoints is None:
+        t0 = time.perf_counter()
+        result = quiet_trainer(trainer).train()
+        return result, round(time.perf_counter() - t0, 2)
+    resume = checkpoints.resume_from()
+    extras = CheckpointExtras(trainer, checkpoints.cfg.train.save_minutes
+                              if checkpoints.enabled else None)
+    trainer.add_callback(extras)
+    if resume is not None:
+        extras.restore(resume)
+        checkpoints.resumed_step = extras.resumed_from
+    result = quiet_trainer(trainer).train(resume_from_checkpoint=resume)
+    return result, round(extras.train_seconds(), 2)
 
 
 def history(trainer: Any, result: Any = None, parts: tuple[str, ...] = ()) -> dict[str, Any]:

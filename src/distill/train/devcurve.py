@@ -124,7 +124,15 @@ class DevCurveCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        **kw: Any) -> None:
-        self._score(model, 0)
+        self._score(model, state.global_step)  # 0, or the step a resumed run starts at
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a training checkpoint keeps of the curve (`distill.train.checkpoints`)."""
+        return {"curve": [list(p) for p in self.curve], "seconds": self.seconds}
+
+    def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
+        self.curve = [(int(s), float(a)) for s, a in data["curve"]]
+        self.seconds = float(data["seconds"])
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
                     **kw: Any) -> None:

@@ -14,7 +14,6 @@ vocabulary; `check_vocab` refuses anything else.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from datasets import Dataset
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from distill.config import ConfigError, PipelineConfig
+from distill.train.checkpoints import Checkpoints
 from distill.train.common import (
     check_vocab,
     fit,
@@ -94,6 +94,9 @@ def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
         raise ConfigError("train.method gkd: GKD scores the student's samples with a local "
                           "teacher; set train.kd.teacher_model or use teacher.backend: "
                           "transformers")
+    ck = Checkpoints(cfg, out_dir, "gkd", label, rows)
+    if (done := ck.finished()) is not None:
+        return done
     tok = load_tokenizer(cfg)
     teacher, teacher_tok = load_teacher(cfg)
     check_vocab(tok, teacher_tok, local_teacher_name(cfg) or "teacher")
@@ -104,31 +107,31 @@ def train_gkd(cfg: PipelineConfig, rows: list[dict[str, Any]], out_dir: Path, *,
         pairs = layer_pairs(cfg, model, teacher)
         projections = hidden_projections(model, teacher, len(pairs))
     data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    with tempfile.TemporaryDirectory(prefix="distill-gkd-", ignore_cleanup_errors=True) as work:
-        args = GKDConfig(
-            **training_kwargs(cfg, work, model), remove_unused_columns=False,
-            max_length=cfg.train.max_length, packing=False,
-            lmbda=kd.lmbda, beta=divergence_beta(kd.divergence, kd.beta),
-            temperature=kd.sample_temperature,
-            max_new_tokens=kd.max_new_tokens or cfg.generate.max_tokens,
+    args = GKDConfig(
+        **training_kwargs(cfg, str(ck.root), model, ck), remove_unused_columns=False,
+        max_length=cfg.train.max_length, packing=False,
+        lmbda=kd.lmbda, beta=divergence_beta(kd.divergence, kd.beta),
+        temperature=kd.sample_temperature,
+        max_new_tokens=kd.max_new_tokens or cfg.generate.max_tokens,
+    )
+    try:
+        trainer = DistillGKDTrainer(
+            model=model, teacher_model=teacher, args=args, train_dataset=data,
+            processing_class=tok, peft_config=lora_config(cfg),
+            callbacks=[*training_callbacks(label), *(callbacks or [])],
+            kd=kd, projections=projections, layer_pairs=pairs,
         )
-        try:
-            trainer = DistillGKDTrainer(
-                model=model, teacher_model=teacher, args=args, train_dataset=data,
-                processing_class=tok, peft_config=lora_config(cfg),
-                callbacks=[*training_callbacks(label), *(callbacks or [])],
-                kd=kd, projections=projections, layer_pairs=pairs,
-            )
-        except ValueError as err:  # e.g. TRL's vocab_size check
-            raise ConfigError(f"train.method gkd: {err}") from None
-        result, train_s = fit(trainer)
-        info = {
-            "label": label, "method": "gkd", "params": n_params, "train_rows": len(rows),
-            "steps": trainer.state.global_step, "train_s": train_s,
-            "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
-            "soft_targets": "teacher logits (on-policy)", "lmbda": kd.lmbda,
-            "hidden_layers": [list(p) for p in pairs] if pairs else None,
-            "world_size": trainer.accelerator.num_processes,
-        } | history(trainer, result, parts=LossPartsLogging.reported)
-        save_student(trainer, tok, out_dir, cfg, kd_card(cfg, info))
-        return info
+    except ValueError as err:  # e.g. TRL's vocab_size check
+        raise ConfigError(f"train.method gkd: {err}") from None
+    result, train_s = fit(trainer, ck)
+    info = {
+        "label": label, "method": "gkd", "params": n_params, "train_rows": len(rows),
+        "steps": trainer.state.global_step, "train_s": train_s,
+        "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
+        "soft_targets": "teacher logits (on-policy)", "lmbda": kd.lmbda,
+        "hidden_layers": [list(p) for p in pairs] if pairs else None,
+        "world_size": trainer.accelerator.num_processes,
+    } | history(trainer, result, parts=LossPartsLogging.reported) | ck.info()
+    save_student(trainer, tok, out_dir, cfg, kd_card(cfg, info))
+    ck.done(info)
+    return info

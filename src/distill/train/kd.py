@@ -31,7 +31,6 @@ used by `distill.train.gkd`, the on-policy method) and `train_kd`.
 
 from __future__ import annotations
 
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from transformers import Trainer, TrainingArguments
 
 from distill.config import ConfigError, PipelineConfig
 from distill.records import RunDir
+from distill.train.checkpoints import Checkpoints
 from distill.train.common import (
     fit,
     history,
@@ -322,6 +322,9 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
     cpu_training_memory()
     kd = cfg.train.kd
     rows = join_generations(run_dir, rows)
+    ck = Checkpoints(cfg, out_dir, "kd", label, rows)
+    if (done := ck.finished()) is not None:
+        return done
     source = soft_target_source(cfg, rows)
     tok = load_tokenizer(cfg)
     need_teacher = source == "teacher" or kd.hidden_weight > 0
@@ -365,37 +368,37 @@ def train_kd(cfg: PipelineConfig, run_dir: RunDir | None, rows: list[dict[str, A
 
         model = get_peft_model(model, lora_config(cfg))
 
-    with tempfile.TemporaryDirectory(prefix="distill-kd-", ignore_cleanup_errors=True) as work:
-        trainer = KDTrainer(
-            model=model,
-            args=TrainingArguments(**training_kwargs(cfg, work, model),
-                                   remove_unused_columns=False),
-            train_dataset=examples,
-            data_collator=KDCollator(tok.pad_token_id,
-                                     teacher_tok.pad_token_id
-                                     if teacher is not None and teacher_tok is not None
-                                     else None),
-            callbacks=[*training_callbacks(label), *(callbacks or [])],
-            kd=kd, teacher=teacher, projections=projections, layer_pairs=pairs, vocab=vocab,
-            xtok=mode != "exact", group_by_length=cfg.train.group_by_length,
-            compact_head=cfg.train.compact_head,
-        )
-        result, train_s = fit(trainer)
-        info = {
-            "label": label, "method": "kd", "params": n_params, "train_rows": len(examples),
-            "steps": trainer.state.global_step, "train_s": train_s,
-            "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
-            "soft_targets": "stored top-k" if source == "stored" else "teacher logits",
-            "top_k": max((e.k for e in examples), default=0) or None,
-            "rows_with_soft_targets": (stats["rows_with_soft_targets"]
-                                       if source == "stored" or mode != "exact"
-                                       else len(examples)),
-            "rows_misaligned": stats["rows_misaligned"],
-            "rows_truncated": stats["rows_truncated"], "rows_too_long": stats["rows_too_long"],
-            "hidden_layers": [list(p) for p in pairs] if pairs else None,
-            "world_size": trainer.accelerator.num_processes,
-            "cross_tokenizer": mode, "xtok": xtok_info,
-        } | history(trainer, result, parts=LossPartsLogging.reported
-                    + (("uld",) if mode != "exact" else ()))
-        save_student(trainer, tok, out_dir, cfg, kd_card(cfg, info))
-        return info
+    trainer = KDTrainer(
+        model=model,
+        args=TrainingArguments(**training_kwargs(cfg, str(ck.root), model, ck),
+                               remove_unused_columns=False),
+        train_dataset=examples,
+        data_collator=KDCollator(tok.pad_token_id,
+                                 teacher_tok.pad_token_id
+                                 if teacher is not None and teacher_tok is not None
+                                 else None),
+        callbacks=[*training_callbacks(label), *(callbacks or [])],
+        kd=kd, teacher=teacher, projections=projections, layer_pairs=pairs, vocab=vocab,
+        xtok=mode != "exact", group_by_length=cfg.train.group_by_length,
+        compact_head=cfg.train.compact_head,
+    )
+    result, train_s = fit(trainer, ck)
+    info = {
+        "label": label, "method": "kd", "params": n_params, "train_rows": len(examples),
+        "steps": trainer.state.global_step, "train_s": train_s,
+        "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
+        "soft_targets": "stored top-k" if source == "stored" else "teacher logits",
+        "top_k": max((e.k for e in examples), default=0) or None,
+        "rows_with_soft_targets": (stats["rows_with_soft_targets"]
+                                   if source == "stored" or mode != "exact"
+                                   else len(examples)),
+        "rows_misaligned": stats["rows_misaligned"],
+        "rows_truncated": stats["rows_truncated"], "rows_too_long": stats["rows_too_long"],
+        "hidden_layers": [list(p) for p in pairs] if pairs else None,
+        "world_size": trainer.accelerator.num_processes,
+        "cross_tokenizer": mode, "xtok": xtok_info,
+    } | history(trainer, result, parts=LossPartsLogging.reported
+                + (("uld",) if mode != "exact" else ())) | ck.info()
+    save_student(trainer, tok, out_dir, cfg, kd_card(cfg, info))
+    ck.done(info)
+    return info

@@ -7,7 +7,6 @@ needed).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from distill.config import PipelineConfig
+from distill.train.checkpoints import Checkpoints
 from distill.train.common import (
     fit,
     history,
@@ -79,20 +79,23 @@ def to_prompt_completion(messages_ds: Dataset) -> Dataset:
     return messages_ds.map(split, remove_columns=messages_ds.column_names)
 
 
-def sft_args(cfg: PipelineConfig, output_dir: str, model: Any = None) -> SFTConfig:
+def sft_args(cfg: PipelineConfig, output_dir: str, model: Any = None,
+             checkpoints: Checkpoints | None = None) -> SFTConfig:
     """The shared schedule (`training_kwargs`) plus SFT's sequence length and packing."""
-    return SFTConfig(**training_kwargs(cfg, output_dir, model), max_length=cfg.train.max_length,
-                     packing=cfg.train.packing)
+    return SFTConfig(**training_kwargs(cfg, output_dir, model, checkpoints),
+                     max_length=cfg.train.max_length, packing=cfg.train.packing)
 
 
 def make_sft_trainer(cfg: PipelineConfig, tok: Any, model: Any, dataset: Dataset, work: Path,
-                     *, label: str = "student", callbacks: list[Any] | None = None) -> Any:
-    """The SFT trainer for `dataset` (a `messages` column), writing scratch files to `work`."""
+                     *, label: str = "student", callbacks: list[Any] | None = None,
+                     checkpoints: Checkpoints | None = None) -> Any:
+    """The SFT trainer for `dataset` (a `messages` column), writing scratch files to `work`
+    (with `checkpoints`: to its directory, at its cadence)."""
     cpu_training_memory()
     return DistillSFTTrainer(
         model=model, group_by_length=cfg.train.group_by_length,
         compact_head=cfg.train.compact_head,
-        args=sft_args(cfg, str(work), model),
+        args=sft_args(cfg, str(work), model, checkpoints),
         train_dataset=to_prompt_completion(dataset),
         processing_class=tok,
         peft_config=lora_config(cfg),
@@ -107,18 +110,21 @@ def train_sft(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, *, label: st
     With LoRA, `out_dir/adapter/` holds the adapter and `out_dir/` the merged model, so every
     later stage loads a plain transformers model.
     """
+    ck = Checkpoints(cfg, out_dir, "sft", label, dataset)
+    if (done := ck.finished()) is not None:
+        return done
     tok = load_tokenizer(cfg)
     model = build_student(cfg, tok)
     n_params = count_params(model)
-    with tempfile.TemporaryDirectory(prefix="distill-train-", ignore_cleanup_errors=True) as work:
-        trainer = make_sft_trainer(cfg, tok, model, dataset, Path(work), label=label,
-                                   callbacks=callbacks)
-        result, train_s = fit(trainer)
-        info = {
-            "label": label, "params": n_params, "train_rows": len(dataset),
-            "steps": trainer.state.global_step, "train_s": train_s,
-            "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
-            "world_size": trainer.accelerator.num_processes,
-        } | history(trainer, result)
-        save_student(trainer, tok, out_dir, cfg, model_card(cfg, info))
-        return info
+    trainer = make_sft_trainer(cfg, tok, model, dataset, ck.root, label=label,
+                               callbacks=callbacks, checkpoints=ck)
+    result, train_s = fit(trainer, ck)
+    info = {
+        "label": label, "params": n_params, "train_rows": len(dataset),
+        "steps": trainer.state.global_step, "train_s": train_s,
+        "train_loss": result.training_loss, "lora": cfg.train.lora is not None,
+        "world_size": trainer.accelerator.num_processes,
+    } | history(trainer, result) | ck.info()
+    save_student(trainer, tok, out_dir, cfg, model_card(cfg, info))
+    ck.done(info)
+    return info

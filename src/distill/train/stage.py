@@ -94,6 +94,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         info = curves.run("label_only", _job("sft", lo_cfg, run_dir, lo, "student_label_only",
                                              label="label-only"))
         students["label_only"] = info | {"dir": "student_label_only"}
+    from distill.train.checkpoints import remove_all
+
+    remove_all(run_dir.root)  # every student is saved: no checkpoint is needed any more
     return {"students": students, "method": method} | curves.summary(students)
 
 
