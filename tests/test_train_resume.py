@@ -25,18 +25,21 @@ pytestmark = [pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX"),
               pytest.mark.slow]
 
 # `distill ...` with a callback that SIGKILLs the process at the end of optimizer step STEP of
-# the student labelled LABEL (after any checkpoint of an earlier step is on disk).
+# the student labelled LABEL (after any checkpoint of an earlier step is on disk); -STEP: sends
+# it SIGINT (Ctrl-C) there instead.
 KILLING_CLI = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
     import distill.train.progress as progress
 
     label, step = sys.argv[1], int(sys.argv[2])
+    sig = signal.SIGINT if step < 0 else signal.SIGKILL  # a negative step: Ctrl-C there
+    step = abs(step)
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
 
     plain = progress.training_callbacks
     progress.training_callbacks = lambda name: plain(name) + ([KillAt()] if name == label else [])
@@ -206,3 +209,32 @@ def test_checkpoints_of_another_job_are_not_resumed(project: tuple[Path, Path],
     err = " ".join(res.stderr.split())
     assert "of another training job" in err and "resuming from" not in err
     assert _students(run)["student"]["resumed_from_step"] is None
+
+
+def test_ctrl_c_mid_train_checkpoints_that_step_exits_1_and_the_rerun_resumes(
+        project: tuple[Path, Path], tmp_path: Path) -> None:
+    pipeline, base = project
+    overrides = ["train.method=sft"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    shutil.copytree(base, straight)
+    shutil.copytree(base, stopped)
+    assert _train(pipeline, straight, overrides).returncode == 0
+
+    res = _train(pipeline, stopped, overrides, kill=("student", -3))
+    assert res.returncode == 1, res.stderr[-3000:]
+    err = res.stderr
+    assert "Traceback" not in err
+    assert "stopping after this step with a checkpoint" in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted; rerun the same command")
+    ckpt = stopped / "checkpoints" / "student" / "checkpoint-3"  # not a multiple of save_steps
+    assert (ckpt / "distill_state.json").is_file() and (ckpt / "trainer_state.json").is_file()
+    assert not (stopped / "student").exists()
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "failed"
+
+    res = _train(pipeline, stopped, overrides)
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = _students(stopped)["student"]
+    assert b["resumed_from_step"] == 3
+    _same_curve(_students(straight)["student"], b)
+    _same_weights(straight / "student", stopped / "student")

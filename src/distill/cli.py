@@ -1,7 +1,8 @@
 """`distill` command line: the Python API with a YAML front.
 
 Exit codes: 0 success, 1 a failed run, 2 bad input (config, data, template) with one line on
-stderr naming the file and field.
+stderr naming the file and field. A full disk is 1 and a damaged run-directory file (cache,
+manifest, rows) is 2, each one line naming the file and what to do (`distill.damage`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import ConfigError, PipelineConfig
+from distill.damage import disk_full
 from distill.records import RunDir
 from distill.stages import NAMES
 
@@ -114,8 +116,10 @@ def _execute(pipeline: Path, overrides: list[str] | None, run_dir: Path | None, 
              stages: list[str] | None, force: bool) -> None:
     from distill.api import Pipeline
 
+    root = run_dir or Path("runs")  # where a write failed, when the error names no file
     try:
         p = Pipeline.from_yaml(pipeline, overrides, run_dir)
+        root = p.run_dir.root
         cfg, run = p.config, p.run_dir
         if dry_run:
             _dry_run(cfg)
@@ -128,7 +132,9 @@ def _execute(pipeline: Path, overrides: list[str] | None, run_dir: Path | None, 
     except Exception as err:  # noqa: BLE001 - a failed run: one line, exit 1, details if asked
         if os.environ.get("DISTILL_DEBUG"):
             raise
-        _fail(1, f"{type(err).__name__}: {err} (set DISTILL_DEBUG=1 for the traceback)")
+        full = disk_full(err, root)
+        _fail(1, str(full) if full else
+              f"{type(err).__name__}: {err} (set DISTILL_DEBUG=1 for the traceback)")
     else:
         _summary(manifest, run)
 
@@ -196,7 +202,15 @@ def report(run_dir: Path) -> None:
 
     if not (run_dir / "manifest.json").exists():
         _fail(2, f"{run_dir}: not a run directory (no manifest.json)")
-    out.print(f"report: {write_report(RunDir(run_dir))}")
+    try:
+        out.print(f"report: {write_report(RunDir(run_dir))}")
+    except ConfigError as err:  # a damaged manifest
+        _fail(2, str(err))
+    except OSError as err:
+        full = disk_full(err, run_dir)
+        if full is None:
+            raise
+        _fail(1, str(full))
 
 
 @app.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import ConfigError
+from distill.damage import DamagedState, writing
 from distill.records import atomic_path, dumps, loads, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:  # `datasets` costs ~0.7 s to import: loaded where a dataset is made or read
@@ -49,20 +50,36 @@ def write_stage(stage_dir: Path, rows: list[dict[str, Any]], jsonl_name: str,
     ds = to_dataset(rows)
     with atomic_path(stage_dir) as tmp:
         tmp.mkdir(parents=True)
-        ds.save_to_disk(str(tmp / "dataset"))
+        with writing(tmp / "dataset"):
+            ds.save_to_disk(str(tmp / "dataset"))
         write_jsonl(tmp / jsonl_name, rows)
         for name, content in (extra or {}).items():
-            if isinstance(content, str):
-                (tmp / name).write_text(content)
-            else:
-                (tmp / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
+            text = (content if isinstance(content, str)
+                    else json.dumps(content, indent=2, default=str) + "\n")
+            with writing(tmp / name):
+                (tmp / name).write_text(text)
     return ds
 
 
+# The stage that writes a directory, where it is not the directory's name.
+_WRITTEN_BY = {"sft": "filter"}
+
+
 def read_stage_rows(stage_dir: Path, jsonl_name: str) -> list[dict[str, Any]]:
-    """The jsonl is the canonical, human-editable copy; the dataset is the fast one."""
+    """The jsonl is the canonical, human-editable copy; the dataset is the fast one.
+
+    A line that does not parse (a file cut short) is `DamagedState`, naming the file, the line
+    and the stage command that rebuilds it."""
     if (stage_dir / jsonl_name).exists():
-        return read_jsonl(stage_dir / jsonl_name)
+        try:
+            return read_jsonl(stage_dir / jsonl_name)
+        except ConfigError as err:
+            stage = _WRITTEN_BY.get(stage_dir.name, stage_dir.name)
+            raise DamagedState(
+                f"{err}; rebuild it with `distill {stage} PIPELINE --run-dir "
+                f"{stage_dir.parent}`: the teacher answers come back from the cache, not paid "
+                "again"
+            ) from None
     from datasets import load_from_disk
 
     return from_dataset(load_from_disk(str(stage_dir / "dataset")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 from rich.console import Console
 
 from distill.config import ConfigError, PipelineConfig, stage_files
+from distill.damage import DiskFull
 from distill.records import RunDir, atomic_path, file_fingerprint, fingerprint, now, write_json
 from distill.runlock import RunLock
 from distill.stages import entry
@@ -114,7 +116,8 @@ def run_stage(stage: str, cfg: PipelineConfig, run: RunDir, *, force: bool = Fal
         run.update_manifest(stage, status="failed", error="bad input")
         raise
     except BaseException as err:
-        run.update_manifest(stage, status="failed", error=f"{type(err).__name__}: {err}")
+        with contextlib.suppress(DiskFull):  # no room to record it either: report the cause
+            run.update_manifest(stage, status="failed", error=f"{type(err).__name__}: {err}")
         raise
     return run.update_manifest(stage, status="done", finished=now(),
                                seconds=round(time.perf_counter() - t0, 2), **result)

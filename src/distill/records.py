@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import orjson
 
+from distill.damage import DamagedState, disk_full
+
 if TYPE_CHECKING:
     from distill.teachers.base import Completion, TopLogprobs
 
@@ -162,24 +164,37 @@ def file_fingerprint(path: Path) -> str:
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success move it over `target` in one rename.
 
-    A crash mid-write leaves the earlier good file (or directory) untouched.
+    A crash mid-write leaves the earlier good file (or directory) untouched, and a full disk
+    too: it raises `DiskFull` naming the file (the temporary one by where it was going), and
+    removes what it wrote.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
         yield tmp
         if target.is_dir() and tmp.is_dir():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)  # the good one back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(tmp, target)
+    except OSError as err:
+        full = disk_full(err, target, tmp)
+        if full is None:
+            raise
+        raise full from err
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -257,9 +272,22 @@ class RunDir:
         return self.root / "report.md"
 
     def manifest(self) -> dict[str, Any]:
-        if self.manifest_path.exists():
-            return json.loads(self.manifest_path.read_text())
-        return {"stages": {}}
+        """The stages' records; `DamagedState` if the file is there but unreadable (it is not
+        reset: the run would redo every stage without saying why)."""
+        path = self.manifest_path
+        if not path.exists():
+            return {"stages": {}}
+        try:
+            m = json.loads(path.read_bytes())
+        except ValueError as err:  # invalid JSON or UTF-8
+            problem = f"invalid JSON ({err})"
+        else:
+            if isinstance(m, dict) and isinstance(m.get("stages"), dict):
+                return m
+            problem = 'not a run manifest (no "stages" object)'
+        raise DamagedState(
+            f"{path}: damaged, {problem}; move it aside (mv {path} {path}.bad) and rerun: every "
+            f"stage runs again, its teacher answers read from {self.cache} (not paid again)")
 
     def update_manifest(self, stage: str, *, fresh: bool = False, **fields: Any
                         ) -> dict[str, Any]:

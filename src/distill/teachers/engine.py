@@ -7,6 +7,7 @@ does not already hold, and each completion is written to the cache as soon as it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,22 +146,28 @@ async def arun_jobs(
     shown = 0.0
     try:
         if todo:
-            async for job, s, comp in teacher.stream(todo):
-                results[(job.key, s)] = comp
-                if cache is not None:
-                    cache.put(keys[(job.key, s)], comp)
-                stats.sent += 1
-                stats.failed += bool(comp.error)
-                stats.prompt_tokens += comp.prompt_tokens
-                stats.completion_tokens += comp.completion_tokens
-                stats.cost_usd += completion_cost(comp, price_in, price_out)
-                if comp.error_kind == "budget":
-                    stats.budget_stopped = True
-                now = time.perf_counter()
-                if now - shown >= PROGRESS_EVERY_S:  # the bar redraws 10x/s at most anyway
-                    shown = now
-                    progress.update(task, completed=stats.cached + stats.sent,
-                                    info=progress_info(stats, teacher, started))
+            # Closed before the teacher is (the `finally` below): a failure here (a full disk
+            # under the cache) first stops the stream's workers, which then exit quietly.
+            stream = teacher.stream(todo)
+            async with contextlib.AsyncExitStack() as closing:
+                if (close := getattr(stream, "aclose", None)) is not None:
+                    closing.push_async_callback(close)
+                async for job, s, comp in stream:
+                    results[(job.key, s)] = comp
+                    if cache is not None:
+                        cache.put(keys[(job.key, s)], comp)
+                    stats.sent += 1
+                    stats.failed += bool(comp.error)
+                    stats.prompt_tokens += comp.prompt_tokens
+                    stats.completion_tokens += comp.completion_tokens
+                    stats.cost_usd += completion_cost(comp, price_in, price_out)
+                    if comp.error_kind == "budget":
+                        stats.budget_stopped = True
+                    now = time.perf_counter()
+                    if now - shown >= PROGRESS_EVERY_S:  # the bar redraws 10x/s at most
+                        shown = now
+                        progress.update(task, completed=stats.cached + stats.sent,
+                                        info=progress_info(stats, teacher, started))
     finally:
         progress.update(task, completed=stats.cached + stats.sent,
                         info=progress_info(stats, teacher, started))

@@ -175,6 +175,43 @@ def remove_all(run_root: Path) -> None:
         shutil.rmtree(run_root / ROOT_NAME, ignore_errors=True)
 
 
+class GracefulInterrupt:
+    """`with GracefulInterrupt(label) as stop:` the first Ctrl-C (SIGINT) asks training to stop
+    at the end of the optimizer step it is in, after a checkpoint of it (`stop.requested`); a
+    second one interrupts at once. A KeyboardInterrupt is raised when the block ends, so the
+    run stops as any interrupted run does (the CLI: exit 1, one line) and the rerun resumes
+    from that checkpoint. Outside the main thread it changes nothing."""
+
+    def __init__(self, label: str, checkpoint: bool = True) -> None:
+        self.label, self.checkpoint = label, checkpoint
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        then = "with a checkpoint" if self.checkpoint else "(checkpoints are off)"
+        console.print(f"train {self.label}: interrupted; stopping after this step {then} "
+                      "(Ctrl-C again to stop now)", highlight=False)
+
+    def __enter__(self) -> GracefulInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.requested and exc_type is None:
+            raise KeyboardInterrupt
+
+
 class CheckpointExtras(TrainerCallback):
     """Adds distill's own state to each checkpoint the Trainer writes, and puts it back on
     resume: the state of callbacks with `checkpoint_state()` / `restore_checkpoint_state()`
@@ -183,8 +220,9 @@ class CheckpointExtras(TrainerCallback):
     Also asks for a checkpoint every `save_minutes` (on every rank at the same step: rank 0's
     clock decides and is broadcast)."""
 
-    def __init__(self, trainer: Any, minutes: float | None) -> None:
-        self.trainer = trainer
+    def __init__(self, trainer: Any, minutes: float | None,
+                 interrupt: GracefulInterrupt | None = None, enabled: bool = True) -> None:
+        self.trainer, self.interrupt, self.enabled = trainer, interrupt, enabled
         self.every_s = minutes * 60 if minutes is not None else None
         self.started = self.last_save = time.monotonic()
         self.seconds_before = 0.0
@@ -213,18 +251,24 @@ class CheckpointExtras(TrainerCallback):
         return self.seconds_before + time.monotonic() - self.started
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-        if self.every_s is None:
-            return control
-        due = time.monotonic() - self.last_save >= self.every_s
+        due = self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
+        stop = self.interrupt is not None and self.interrupt.requested
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
-            flag = torch.tensor([int(due)], device=args.device)
-            dist.broadcast(flag, 0)
-            due = bool(flag.item())
-        if due:
+            # Every rank saves and stops at the same step: rank 0's clock decides when to save;
+            # a Ctrl-C seen by any rank stops all.
+            flags = torch.tensor([int(due), int(stop)], device=args.device)
+            dist.broadcast(flags[:1], 0)
+            dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
+            due, stop = bool(flags[0].item()), bool(flags[1].item())
+            if stop and self.interrupt is not None:
+                self.interrupt.requested = True
+        if stop:
+            control.should_training_stop = True
+        if (due or stop) and self.enabled:
             control.should_save = True
         return control
 

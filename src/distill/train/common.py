@@ -66,7 +66,7 @@ def lora_config(cfg: PipelineConfig) -> Any:
 def fit(trainer: Any, checkpoints: Checkpoints | None = None) -> tuple[Any, float]:
     """Run the trainer with distill's progress lines, resuming from the job's last checkpoint
     when there is one; (its TrainOutput, training seconds, those before a resume included)."""
-    from distill.train.checkpoints import CheckpointExtras
+    from distill.train.checkpoints import CheckpointExtras, GracefulInterrupt
     from distill.train.progress import quiet_trainer
 
     if checkpoints is None:
@@ -74,13 +74,15 @@ def fit(trainer: Any, checkpoints: Checkpoints | None = None) -> tuple[Any, floa
         result = quiet_trainer(trainer).train()
         return result, round(time.perf_counter() - t0, 2)
     resume = checkpoints.resume_from()
+    interrupt = GracefulInterrupt(checkpoints.label, checkpoints.enabled)
     extras = CheckpointExtras(trainer, checkpoints.cfg.train.save_minutes
-                              if checkpoints.enabled else None)
+                              if checkpoints.enabled else None, interrupt, checkpoints.enabled)
     trainer.add_callback(extras)
     if resume is not None:
         extras.restore(resume)
         checkpoints.resumed_step = extras.resumed_from
-    result = quiet_trainer(trainer).train(resume_from_checkpoint=resume)
+    with interrupt:  # Ctrl-C: a checkpoint at the end of the step, then KeyboardInterrupt
+        result = quiet_trainer(trainer).train(resume_from_checkpoint=resume)
     return result, round(extras.train_seconds(), 2)
 
 
