@@ -162,7 +162,7 @@ def test_a_damaged_cache_is_reported_never_replaced(tmp_path: Path,
         cache.write_bytes(damage)
         line = _one_error_line(_distill("generate", pipeline, "--run-dir", run), 2)
         assert line.startswith(f"error: {cache}: the response cache is damaged"), line
-        assert "pays the teacher again" in line and "aside" in line
+        assert "paid again" in line and "aside" in line
         assert cache.read_bytes() == damage  # left as it was for the user to look at
         assert fake_server.chat_count == 8
     cache.write_bytes(good)  # a good copy put back: nothing is sent again

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,15 @@ from rich.console import Console
 
 from distill.config import ConfigError, PipelineConfig, stage_files
 from distill.damage import DiskFull
-from distill.records import RunDir, atomic_path, file_fingerprint, fingerprint, now, write_json
+from distill.records import (
+    RunDir,
+    atomic_path,
+    dir_signature,
+    file_fingerprint,
+    fingerprint,
+    now,
+    write_json,
+)
 from distill.runlock import RunLock
 from distill.stages import entry
 
@@ -38,18 +45,6 @@ def _teacher_identity(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _TEACHER_RUNTIME_KEYS}
 
 
-def _dir_signature(path: Path) -> str:
-    """Cheap signature of a model directory: names, sizes and mtimes (no hashing of GBs)."""
-    if not path.exists():
-        return "missing"
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def _file_fp(path: Path) -> str:
     return file_fingerprint(path) if path.exists() else "missing"
 
@@ -72,8 +67,8 @@ def _read_part(run: RunDir, path: str) -> Any:
         return _file_fp(run.root / path)
     name = path.rstrip("/")
     if any(c in name for c in "*?["):
-        return [_dir_signature(p) for p in sorted(run.root.glob(name))]
-    return _dir_signature(run.root / name)
+        return [dir_signature(p) for p in sorted(run.root.glob(name))]
+    return dir_signature(run.root / name)
 
 
 def input_fingerprint(stage: str, cfg: PipelineConfig, run: RunDir) -> str:

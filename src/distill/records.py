@@ -148,6 +148,18 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def dir_signature(path: Path) -> str:
+    """Cheap signature of a model directory: names, sizes and mtimes (no hashing of GBs)."""
+    if not path.exists():
+        return "missing"
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def file_fingerprint(path: Path) -> str:
     """Hash of a file or of a directory's files (names and contents)."""
     h = hashlib.sha256()

@@ -4,6 +4,9 @@ Every model gives one greedy answer per item (`accuracy`, what a user expects th
 and, with `evaluate.samples` = n > 1, n sampled answers at `evaluate.temperature` for pass@k and
 maj@k. All answers land in `evaluate/predictions.jsonl` (`mode`: greedy / sampled); metrics.json
 adds paired comparisons, per-template / per-difficulty accuracy and lm-evaluation-harness scores.
+
+The teacher answers through the run's cache, the students through `evaluate/answers.sqlite`
+(`distill.evaluate.answer_cache`): a killed evaluate regenerates none of the answers it has.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 from distill.answers import parse_response, score
 from distill.config import ConfigError, PipelineConfig, TeacherConfig
+from distill.evaluate import answer_cache
+from distill.evaluate.answer_cache import Identified, base_identity, trained_identity
 from distill.evaluate.breakdown import item_groups
 from distill.evaluate.compare import comparison_metrics
 from distill.evaluate.harness import HarnessRunner
@@ -147,6 +152,9 @@ def score_model(name: str, teacher: Any, cfg: PipelineConfig, items: list[dict[s
     results, stats = run_jobs(teacher, jobs, cache, description=f"evaluate {name}")
     wall = time.perf_counter() - t0
     n = len(items)
+    # The speeds are those of the answers generated now (None: all came from a cache), not of
+    # the cached ones: a resumed run times only the rest.
+    made = stats.sent / stats.requested if stats.requested else 0.0
     groups = groups or [{} for _ in items]
     preds = [prediction_row(name, items[j % n], "greedy" if j < n else "sampled", s,
                             results[(job.key, s)], groups[j % n])
@@ -157,9 +165,9 @@ def score_model(name: str, teacher: Any, cfg: PipelineConfig, items: list[dict[s
         "ci": bootstrap_ci(greedy, cfg.evaluate.bootstrap, seed=cfg.seed),
         "n": n,
         "latency_per_answer_s": round(wall / max(stats.sent, 1), 5) if stats.sent else None,
-        "tokens_per_s": round(sum(p["completion_tokens"] for p in preds) / wall, 1)
+        "tokens_per_s": round(stats.completion_tokens / wall, 1)
         if stats.sent and wall > 0 else None,
-        "items_per_s": round(n / wall, 2) if stats.sent and wall > 0 else None,
+        "items_per_s": round(n * made / wall, 2) if stats.sent and wall > 0 else None,
     }
     if cfg.evaluate.samples > 1:
         summary |= sampled_summary(preds, cfg.evaluate.samples, sample_temperature(cfg))
@@ -189,11 +197,19 @@ class Evaluation:
         self.models: dict[str, dict[str, Any]] = {}
         self.preds: list[dict[str, Any]] = []
         self.harness_skipped: dict[str, str] = {}
+        self.answers = self.out / answer_cache.FILE
 
-    def score(self, name: str, teacher: Any, cache: ResponseCache | None = None, **extra: Any
-              ) -> None:
-        summary, preds = score_model(name, on_executor(self.cfg, teacher), self.cfg,
-                                     self.items, cache, self.groups)
+    def score(self, name: str, teacher: Any, cache: ResponseCache | None = None, *,
+              identity: str | None = None, **extra: Any) -> None:
+        """Score one model: through `cache`, or with `identity` (what the model is: see
+        `answer_cache`) through the stage's own answer cache under that model id."""
+        model = on_executor(self.cfg, teacher)
+        if identity is None:
+            summary, preds = score_model(name, model, self.cfg, self.items, cache, self.groups)
+        else:
+            with ResponseCache(self.answers) as answers:
+                summary, preds = score_model(name, Identified(model, identity), self.cfg,
+                                             self.items, answers, self.groups)
         self.models[name] = summary | extra
         self.preds.extend(preds)
 
@@ -260,7 +276,7 @@ def eval_base(ev: Evaluation) -> None:
     base = build_student(cfg, tok)
     base_dir = cfg.resolve(cfg.train.student) if cfg.train.student else None
     ev.score("base_student", local(Path("base"), ev.e.batch_size, base, tok),
-             params=count_params(base),
+             identity=base_identity(base, tok), params=count_params(base),
              bytes=dir_bytes(base_dir) if base_dir is not None and base_dir.is_dir() else None)
     ev.run_harness("base_student", lambda: (base, tok))
 
@@ -272,7 +288,8 @@ def eval_trained(ev: Evaluation, run_dir: RunDir, train_entry: dict[str, Any]) -
         if not (mdir / "config.json").exists():
             continue
         t = local(mdir, ev.e.batch_size)
-        ev.score(name, t, params=info.get("params"), bytes=dir_bytes(mdir),
+        ev.score(name, t, identity=trained_identity(run_dir.root, mdir),
+                 params=info.get("params"), bytes=dir_bytes(mdir),
                  train_s=info.get("train_s"), steps=info.get("steps"))
         ev.run_harness(name, functools.partial(loaded, t, t.cfg, ev.cfg))
 

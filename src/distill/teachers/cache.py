@@ -46,8 +46,8 @@ _NO_ROOM = ("SQLITE_FULL", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_SHMSIZE", "SQLITE
 def _damaged(path: Path, problem: str) -> DamagedState:
     return DamagedState(
         f"{path}: the response cache is damaged ({problem}); it is not replaced, as an empty "
-        f"one pays the teacher again for every answer: put back a good copy, or move it (and "
-        f"any {path.name}-wal) aside to start over, paying again")
+        f"one asks again for every answer it held (a teacher's are paid again): put back a "
+        f"good copy, or move it (and any {path.name}-wal) aside to start over")
 
 
 @contextmanager

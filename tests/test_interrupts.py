@@ -1,0 +1,114 @@
+"""Ctrl-C anywhere: SIGINT to a `distill` process mid-stage exits 1 within seconds with one line
+and no traceback, replaces no good output, and the rerun resumes without paying again.
+
+Training's Ctrl-C (a checkpoint at the end of the step, then resume) is in
+tests/test_train_resume.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fakeserver import FakeServer  # noqa: E402
+from projects import write_sum_project  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
+
+DISTILL = [sys.executable, "-c", "from distill.cli import main; main()"]
+
+
+def _pipeline(tmp_path: Path, url: str, n: int, extra: str = "") -> Path:
+    write_sum_project(tmp_path, n)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(textwrap.dedent(f"""
+        name: ctrl-c
+        stages: [generate, filter]
+        seeds: {{path: seeds.jsonl}}
+        teacher: {{backend: openai, model: fake-model, base_url: "{url}", api_key_env: null,
+                  max_concurrency: 2}}
+        generate: {{prompt: p.j2, max_tokens: 16}}
+    """) + textwrap.dedent(extra))
+    return pipeline
+
+
+def _interrupt_when(cmd: list[str], ready: object, timeout: float = 60
+                    ) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run `cmd`, send it SIGINT once `ready()` is true; (its result, seconds from the signal
+    to its exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready():  # type: ignore[operator]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"not ready before exit/timeout: rc={proc.returncode} {err[-2000:]}")
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.monotonic() - t0
+
+
+def _one_line_exit_1(res: subprocess.CompletedProcess[str], waited: float) -> None:
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; rerun the same command to resume"), last
+    assert waited < 10, f"{waited:.1f} s from Ctrl-C to exit"
+
+
+def test_ctrl_c_during_generate(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with FakeServer(latency=0.25) as server:  # 40 requests, 2 at a time: ~5 s
+        pipeline = _pipeline(tmp_path, server.url, 40)
+        cmd = [*DISTILL, "run", str(pipeline), "--run-dir", str(run)]
+        res, waited = _interrupt_when(cmd, lambda: server.chat_count >= 10)
+        _one_line_exit_1(res, waited)
+        sent = server.chat_count
+        assert sent < 40
+        assert not (run / "generate" / "generations.jsonl").exists()
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["stages"]["generate"]["status"] == "failed"
+        assert (run / ".lock").read_text() == ""  # released
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        # What was answered before Ctrl-C came from the cache; at most the requests in flight
+        # when it came (max_concurrency: 2) were lost and asked again.
+        assert server.chat_count <= 40 + 2
+    rows = [json.loads(line) for line in (run / "generate" / "generations.jsonl").open()]
+    assert len(rows) == 40 and not any(r["error"] for r in rows)
+
+
+def test_ctrl_c_during_filter_keeps_the_finished_generate(tmp_path: Path) -> None:
+    """The LLM judge (against the slow server) makes filter long enough to interrupt."""
+    run = tmp_path / "run"
+    with FakeServer(latency=0.25) as server:
+        pipeline = _pipeline(tmp_path, server.url, 24, """
+            filter:
+              verify: null
+              judge: {threshold: 0}
+        """)
+        cmd = [*DISTILL, "run", str(pipeline), "--run-dir", str(run)]
+        gen = run / "generate" / "generations.jsonl"
+        res, waited = _interrupt_when(cmd, lambda: gen.exists() and server.chat_count >= 30)
+        _one_line_exit_1(res, waited)
+        before = gen.read_bytes()
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["stages"]["generate"]["status"] == "done"
+        assert manifest["stages"]["filter"]["status"] == "failed"
+        assert not (run / "filter" / "filtered.jsonl").exists()
+        sent = server.chat_count
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert gen.read_bytes() == before  # generate was not redone
+        assert server.chat_count - sent <= 24 - (sent - 24) + 2  # judged rows not judged again
