@@ -112,3 +112,73 @@ def test_ctrl_c_during_filter_keeps_the_finished_generate(tmp_path: Path) -> Non
         assert again.returncode == 0, again.stderr[-3000:]
         assert gen.read_bytes() == before  # generate was not redone
         assert server.chat_count - sent <= 24 - (sent - 24) + 2  # judged rows not judged again
+
+
+# `distill ...` that sends itself SIGINT (a Ctrl-C) once the export stage has recorded its
+# first finished artifact.
+CTRL_C_AFTER_ONE_ARTIFACT = textwrap.dedent("""
+    import os, signal, sys
+    import distill.export.stage as stage
+
+    plain = stage.write_json
+    def write_json(path, data):
+        plain(path, data)
+        if path.parent.name == ".done" and path.name != "key.json":
+            os.kill(os.getpid(), signal.SIGINT)
+    stage.write_json = write_json
+    from distill.cli import main
+    sys.argv = ["distill", *sys.argv[1:]]
+    main()
+""")
+
+
+def _without_timings(doc: dict[str, object]) -> dict[str, object]:
+    timing = {"export_s", "measure_s", "latency_p50_s", "latency_p95_s", "tokens_per_s",
+              "peak_mem_mb", "wall_s", "load_s", "first_token_s", "rss_mb"}
+    rows = [{k: v for k, v in r.items() if k not in timing and not k.endswith("_s")}
+            for r in doc["artifacts"]]  # type: ignore[union-attr]
+    return {"artifacts": rows, "formats": [r["format"] for r in rows]}
+
+
+def test_ctrl_c_during_export_keeps_the_good_export_and_the_finished_artifact(
+        tmp_path: Path, tiny_teacher: Path) -> None:
+    import shutil
+
+    from tests.test_export import _project
+
+    pipeline = _project(tmp_path, tiny_teacher, ["merged", "int8"])
+    yaml = pipeline.read_text().replace("name: export-test", "name: export-test\nstages: [export]")
+    pipeline.write_text(yaml)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher, run / "student")
+    cmd = ["run", str(pipeline), "--run-dir", str(run)]
+    first = subprocess.run([*DISTILL, *cmd], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    good = (run / "export" / "export.json").read_bytes()
+    # A new export (another eval_limit), interrupted after its first artifact.
+    again = [*cmd, "--set", "export.eval_limit=2"]
+    res = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_ONE_ARTIFACT, *again],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: interrupted; rerun")
+    assert (run / "export" / "export.json").read_bytes() == good  # the good one, whole
+    staged = run / ".export.partial"
+    assert (staged / ".done" / "merged.json").is_file()
+    assert not (staged / ".done" / "int8.json").exists()
+
+    done = subprocess.run([*DISTILL, *again], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "export merged: kept from the interrupted run" in done.stderr
+    assert not staged.exists() and not (run / ".export.old").exists()
+    resumed = json.loads((run / "export" / "export.json").read_text())
+    assert [a["path"] for a in resumed["artifacts"]] == ["export/merged", "export/int8"]
+    assert (run / "export" / "int8").is_dir() and not (run / "export" / ".done").exists()
+    # ...and the same artifacts as an export that ran through.
+    straight = tmp_path / "straight"
+    shutil.copytree(tiny_teacher, straight / "student")
+    ref = subprocess.run([*DISTILL, "run", str(pipeline), "--run-dir", str(straight), "--set",
+                          "export.eval_limit=2"], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    expected = json.loads((straight / "export" / "export.json").read_text())
+    assert _without_timings(resumed) == _without_timings(expected)

@@ -305,3 +305,70 @@ def test_a_local_run_never_imports_ray() -> None:
             " distill.filter.chain, distill.executor; assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="signals and ps sessions: Linux")
+def test_ctrl_c_on_ray_exits_1_stops_its_cluster_and_the_rerun_resends_only_in_flight(
+        tmp_path: Path) -> None:
+    """`distill run` with `executor.kind: ray` (its own 2-CPU cluster) gets SIGINT while 4
+    requests hang: exit 1 within seconds, one line, no traceback, every Ray process it started
+    gone; the rerun resends only the requests that were in flight."""
+    write_sum_project(tmp_path, 24)
+    stopped = threading.Event()
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def handler(req: Request) -> Reply:
+        with lock:
+            seen.append(seed_index(req))
+            slow = not stopped.is_set() and len(seen) > 6
+        return Reply(body=chat_body(req), delay=60.0 if slow else 0.0)
+
+    shards = tmp_path / "run" / "shards" / "generate" / "of-4"
+    with FakeServer(handler) as server:
+        pipeline = tmp_path / "p.yaml"
+        pipeline.write_text(textwrap.dedent(f"""
+            name: ray-ctrl-c
+            stages: [generate]
+            seeds: {{path: seeds.jsonl}}
+            teacher: {{backend: openai, model: fake-model, base_url: "{server.url}",
+                      api_key_env: null, max_concurrency: 2, timeout_s: 120}}
+            generate: {{prompt: p.j2, max_tokens: 16}}
+            executor: {{kind: ray, shards: 4, local_cpus: 2}}
+        """))
+        cmd = [sys.executable, "-c", "from distill.cli import main; main()", "run",
+               str(pipeline), "--run-dir", str(tmp_path / "run")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and not (
+                    sum(cached_count(d / "cache.sqlite") for d in shards.glob("0*")) == 6
+                    and len(seen) == 6 + 4):
+                if proc.poll() is not None:
+                    pytest.fail(f"driver exited early: {proc.communicate()}")
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            waited = time.monotonic() - t0
+            deadline = time.monotonic() + 30
+            leftover = session_pids(proc.pid)
+            while leftover and time.monotonic() < deadline:  # Ray's own processes, stopping
+                time.sleep(0.2)
+                leftover = session_pids(proc.pid)
+        finally:
+            kill_session(proc.pid)  # whatever is left (the assertion below says if any was)
+        assert proc.returncode == 1, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("error: interrupted; rerun"), err[-2000:]
+        assert waited < 20, f"{waited:.1f} s from Ctrl-C to exit"
+        assert not leftover, leftover
+        with lock:
+            in_flight, before = set(seen[6:]), len(seen)
+            stopped.set()
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0, again.stderr[-3000:]
+        resent = set(seen[before:]) & set(seen[:before])
+        assert resent <= in_flight and len(seen[before:]) == 24 - 6
+    assert [r["seed_id"] for r in generated(tmp_path / "run")] == [f"s{i}" for i in range(24)]

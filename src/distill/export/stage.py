@@ -23,11 +23,15 @@ skipped with the reason in its notes; the other formats still export and are mea
 from __future__ import annotations
 
 import gc
+import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
 
 from distill.config import ConfigError, PipelineConfig
 from distill.evaluate.stage import held_out_inputs
@@ -53,6 +57,8 @@ from distill.export.merge import TorchRunner, export_merged, load_torch_model
 from distill.export.runtime import load_tokenizer_dir, require_model_dir, stop_ids
 from distill.records import RunDir, write_json, write_jsonl
 from distill.stages import Stage
+
+console = Console(stderr=True)
 
 
 def teacher_size(cfg: PipelineConfig, run_dir: Path | None) -> dict[str, Any]:
@@ -127,9 +133,10 @@ def _write(layout: Layout, job: WriteJob, path: Path) -> dict[str, Any]:
         return {"skipped": f"export failed ({type(err).__name__}: {str(err)[:300]})"}
 
 
-def _new_row(fmt: str, layout: Layout, out: Path, params: int, info: dict[str, Any]
-             ) -> dict[str, Any]:
-    row: dict[str, Any] = {"format": fmt, "path": str((out / fmt).relative_to(out.parent)),
+def _new_row(fmt: str, layout: Layout, out: Path, params: int, info: dict[str, Any],
+             name: str | None = None) -> dict[str, Any]:
+    """`name`: the output directory's final name when `out` is a staging directory."""
+    row: dict[str, Any] = {"format": fmt, "path": f"{name or out.name}/{fmt}",
                            "params": params, "bytes": None, "accuracy": None,
                            "latency_p50_s": None, "latency_p95_s": None,
                            "tokens_per_s": None, "peak_mem_mb": None,
@@ -256,14 +263,14 @@ def prepare(cfg: PipelineConfig, student_dir: Path, out: Path, sft_dir: Path | N
                     merged_info, params, seqs, min_top1(cfg), fp32_acc, t_start)
 
 
-def export_one(p: Prepared, fmt: ArtifactFormat, layout: Layout
+def export_one(p: Prepared, fmt: ArtifactFormat, layout: Layout, name: str | None = None
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Write one artifact (the fp32 base is already written) and measure it in its runtime:
     its export.json row and its predictions."""
     path = p.out / fmt.name
     t0 = time.perf_counter()
     info = p.merged_info if layout.write is None else _write(layout, p.job, path)
-    row = _new_row(fmt.name, layout, p.out, p.params, info)
+    row = _new_row(fmt.name, layout, p.out, p.params, info, name)
     row["export_s"] = round(time.perf_counter() - t0, 2)
     preds: list[dict[str, Any]] = []
     if "skipped" not in info:
@@ -312,21 +319,79 @@ def summarize(p: Prepared, artifacts: list[dict[str, Any]], preds: list[dict[str
     return doc
 
 
+DONE = ".done"
+"""In a staging directory: one `<format>.json` (its export.json row and predictions) per
+artifact written and measured, and `key.json`, the export they belong to."""
+
+
+def _finished_formats(out: Path, key: str | None) -> Path | None:
+    """The staging directory's record of finished artifacts for export `key` (None: no resume).
+    A staging directory of another export (config or student changed) starts over."""
+    if key is None:
+        return None
+    done = out / DONE
+    try:
+        same = json.loads((done / "key.json").read_text()).get("key") == key
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(out, ignore_errors=True)
+        done.mkdir(parents=True)
+        write_json(done / "key.json", {"key": key})
+    return done
+
+
 def export_all(cfg: PipelineConfig, student_dir: Path, out: Path,
-               sft_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
-    """Export and measure every format of `cfg.export.formats`; writes `out/export.json`."""
+               sft_dir: Path | None = None, run_dir: Path | None = None, *,
+               name: str | None = None, resume_key: str | None = None) -> dict[str, Any]:
+    """Export and measure every format of `cfg.export.formats`; writes `out/export.json`.
+
+    With `resume_key`, `out` is a staging directory that keeps each finished artifact (its
+    files, row and predictions) across an interrupted run: the rerun of the same export writes
+    and measures only the others. `name`: the directory's final name (the rows' `path`)."""
+    done = _finished_formats(out, resume_key)
     p = prepare(cfg, student_dir, out, sft_dir, run_dir)
     artifacts, all_preds = [], []
     for fmt, layout in p.plan:
-        row, preds = export_one(p, fmt, layout)
+        saved = done / f"{fmt.name}.json" if done is not None else None
+        if saved is not None and saved.is_file():
+            kept = json.loads(saved.read_text())
+            row, preds = kept["row"], kept["predictions"]
+            console.print(f"[dim]export {fmt.name}: kept from the interrupted run[/dim]")
+        else:
+            row, preds = export_one(p, fmt, layout, name)
+            if saved is not None:
+                write_json(saved, {"row": row, "predictions": preds})
         artifacts.append(row)
         all_preds += preds
-    return summarize(p, artifacts, all_preds)
+    doc = summarize(p, artifacts, all_preds)
+    if done is not None:
+        shutil.rmtree(done, ignore_errors=True)
+    return doc
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """`staging` becomes `final` (the good `final` is kept until the new one is in place)."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
-    doc = export_all(cfg, run_dir.stage("student"), run_dir.stage("export"),
-                     sft_dir=run_dir.stage("sft"), run_dir=run_dir.root)
+    """Into `RUN/.export.partial/`, renamed to `RUN/export/` when every artifact is written and
+    measured: an interrupted export leaves the earlier one whole, and its rerun keeps the
+    artifacts it finished (keyed by the stage's input fingerprint)."""
+    final = run_dir.stage("export")
+    staging = run_dir.root / f".{final.name}.partial"
+    key = run_dir.manifest()["stages"].get("export", {}).get("input_fingerprint")
+    if key is None:  # not run by the pipeline: nothing to match a staging directory against
+        shutil.rmtree(staging, ignore_errors=True)
+    doc = export_all(cfg, run_dir.stage("student"), staging, sft_dir=run_dir.stage("sft"),
+                     run_dir=run_dir.root, name=final.name, resume_key=key)
+    _replace_dir(staging, final)
     summary: dict[str, Any] = {"formats": ",".join(a["format"] for a in doc["artifacts"])}
     if doc.get("smallest"):
         summary |= {"smallest_format": doc["smallest"]["format"],
