@@ -241,6 +241,173 @@ def test_batch_created_but_not_recorded_is_found_by_its_tag(fake_server: FakeSer
     assert saved["intents"] == [] and len(saved["batches"]) == 1
 
 
+# an answer lost on the way: the provider acted, the client never heard ------------------------
+def lose_answers(server: FakeServer, monkeypatch: pytest.MonkeyPatch, what: str,
+                 replies: list[Reply], *, acted: bool = True) -> None:
+    """The next `len(replies)` uploads (`what="_upload"`) or batch creations (`"_create"`) are
+    answered `replies[i]` (a dropped connection, a 500): after the server stored the file or
+    created the batch (`acted`: a response lost on the way back), or instead of it."""
+    api = server.batch
+    real = getattr(api, what)
+    left = list(replies)
+
+    def lossy(req: Request) -> Reply:
+        if not left:
+            return real(req)
+        fault = left.pop(0)
+        if acted:
+            real(req)
+        return fault
+
+    monkeypatch.setattr(api, what, lossy)
+
+
+def serve_file_list(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /v1/files on the fake server (newest first, with each upload's filename), as the
+    provider lists them."""
+    api = server.batch
+    names: dict[str, str] = {}
+    real_upload, real_dispatch = api._upload, api.dispatch
+
+    def upload(req: Request) -> Reply:
+        reply = real_upload(req)
+        if reply.status == 200:
+            names[reply.body["id"]] = reply.body["filename"]
+        return reply
+
+    def dispatch(req: Request) -> Reply | None:
+        if req.method == "GET" and req.path.rstrip("/") == "/v1/files":
+            data = [{"id": fid, "object": "file", "bytes": len(f["data"]), "created_at": 0,
+                     "filename": names.get(fid, "upload"), "purpose": "batch",
+                     "status": "processed"}
+                    for fid, f in reversed(list(api.files.items())) if f["purpose"] == "batch"]
+            return Reply(body={"object": "list", "data": data, "has_more": False})
+        return real_dispatch(req)
+
+    monkeypatch.setattr(api, "_upload", upload)
+    monkeypatch.setattr(api, "dispatch", dispatch)
+
+
+def stored_inputs(server: FakeServer) -> int:
+    """Batch input files the server stored (every upload that reached it)."""
+    return sum(f["purpose"] == "batch" for f in server.batch.files.values())
+
+
+def control_calls(server: FakeServer) -> list[str]:
+    """The Batch API calls in order: "upload", "create", "list" (batches), "list files"."""
+    names = {("POST", "/v1/files"): "upload", ("POST", "/v1/batches"): "create",
+             ("GET", "/v1/batches"): "list", ("GET", "/v1/files"): "list files"}
+    return [names[(r.method, r.path.rstrip("/"))] for r in server.requests
+            if (r.method, r.path.rstrip("/")) in names]
+
+
+@pytest.mark.parametrize("fault", [Reply(drop=True), Reply(500, error_body("upstream timeout"))],
+                         ids=["connection-reset", "http-500"])
+def test_batch_created_but_its_answer_lost_is_adopted_not_paid_twice(
+        fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        fault: Reply) -> None:
+    """The provider created the batch; the answer never arrived. Before: the SDK's own retry
+    of the POST created a second batch of the same lines (2 batches, 16 lines billed for 8)."""
+    lose_answers(fake_server, monkeypatch, "_create", [fault])
+    jobs = make_jobs(4, samples=2)
+    record = tmp_path / "b.json"
+    results, stats, teacher = run(batch_cfg(fake_server.url), jobs, record)
+    assert_all_ok(results, jobs)
+    assert len(fake_server.batch.created) == 1  # one batch on the provider
+    assert len(fake_server.batch.lines) == 8  # every line paid for once
+    assert stored_inputs(fake_server) == 1 and fake_server.chat_count == 0
+    # Asked the provider before creating anything again, found the batch by its tag.
+    assert control_calls(fake_server) == ["upload", "create", "list"]
+    (bid,) = fake_server.batch.batches
+    saved = json.loads(record.read_text())
+    assert [b["id"] for b in saved["batches"]] == [bid] and saved["intents"] == []
+    assert saved["batches"][0]["tag"] == fake_server.batch.batches[bid]["metadata"]["distill_tag"]
+    assert saved["batches"][0]["collected"] and saved["batches"][0]["requests"] == 8
+    assert {c.extra["batch"] for c in results.values()} == {bid}
+    c = teacher.counters
+    assert (c["batches_submitted"], c["batches_adopted"], c["lines_first_batch"]) == (1, 1, 8)
+    assert stats.failed == 0 and not any("attempts" in r.extra for r in results.values())
+
+
+@pytest.mark.parametrize("fault", [Reply(drop=True), Reply(500, error_body("overloaded"))],
+                         ids=["connection-reset", "http-500"])
+def test_batch_create_that_really_failed_is_resubmitted_once(
+        fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        fault: Reply) -> None:
+    """No batch was created: the provider's list says so, and the same file goes again once."""
+    lose_answers(fake_server, monkeypatch, "_create", [fault], acted=False)
+    jobs = make_jobs(3)
+    record = tmp_path / "b.json"
+    results, _, teacher = run(batch_cfg(fake_server.url), jobs, record)
+    assert_all_ok(results, jobs)
+    assert control_calls(fake_server) == ["upload", "create", "list", "create"]
+    assert len(fake_server.batch.created) == 1 and len(fake_server.batch.lines) == 3
+    assert stored_inputs(fake_server) == 1  # the stored file is used again, not re-uploaded
+    saved = json.loads(record.read_text())
+    assert [b["id"] for b in saved["batches"]] == list(fake_server.batch.batches)
+    assert saved["intents"] == []
+    assert teacher.counters["batches_adopted"] == 0
+    assert teacher.counters["batches_submitted"] == 1
+
+
+def test_upload_stored_but_its_answer_lost_is_found_not_uploaded_again(
+        fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the SDK uploaded the file again (2 stored files for one batch)."""
+    serve_file_list(fake_server, monkeypatch)
+    lose_answers(fake_server, monkeypatch, "_upload", [Reply(drop=True)])
+    jobs = make_jobs(3)
+    results, _, _ = run(batch_cfg(fake_server.url), jobs, tmp_path / "b.json")
+    assert_all_ok(results, jobs)
+    assert control_calls(fake_server) == ["upload", "list files", "create"]
+    assert stored_inputs(fake_server) == 1
+    assert len(fake_server.batch.created) == 1 and len(fake_server.batch.lines) == 3
+
+
+def test_uploads_whose_answers_are_always_lost_are_bounded(
+        fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every upload is stored and its answer lost, and the provider cannot list files: at most
+    `max(2, max_retries) + 1` uploads of the same lines (before: that many per attempt of the
+    lines, 3 x 3 = 9 here; 7 x 7 = 49 at the default max_retries 6), then error rows."""
+    lose_answers(fake_server, monkeypatch, "_upload", [Reply(drop=True)] * 100)
+    jobs = make_jobs(3)
+    results, stats, _ = run(batch_cfg(fake_server.url, max_retries=2), jobs, tmp_path / "b.json")
+    assert stored_inputs(fake_server) == 3
+    assert not fake_server.batch.created and not fake_server.batch.lines
+    assert set(results) == {(j.key, 0) for j in jobs} and stats.failed == 3
+    assert all(c.error_kind == "batch" and "upload" in c.error for c in results.values())
+
+
+def test_create_unconfirmed_while_batches_cannot_be_listed_then_rerun_adopts_it(
+        fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The create's answer is lost and the provider's batch list is down: nothing is created
+    again (error rows, the intent kept in the record); the rerun finds the batch by its tag."""
+    lose_answers(fake_server, monkeypatch, "_create", [Reply(drop=True)])
+    real_dispatch = fake_server.batch.dispatch
+    listing = {"up": False}
+
+    def dispatch(req: Request) -> Reply | None:
+        if req.method == "GET" and req.path.rstrip("/") == "/v1/batches" and not listing["up"]:
+            return Reply(503, error_body("list unavailable"))
+        return real_dispatch(req)
+
+    monkeypatch.setattr(fake_server.batch, "dispatch", dispatch)
+    jobs = make_jobs(3)
+    record = tmp_path / "b.json"
+    results, stats, _ = run(batch_cfg(fake_server.url), jobs, record)
+    assert len(fake_server.batch.created) == 1 and stats.failed == 3
+    assert all(c.error_kind == "batch" and "unconfirmed" in c.error for c in results.values())
+    saved = json.loads(record.read_text())
+    assert saved["batches"] == [] and len(saved["intents"]) == 1
+
+    listing["up"] = True
+    again, stats2, teacher = run(batch_cfg(fake_server.url), jobs, record)
+    assert_all_ok(again, jobs)
+    assert len(fake_server.batch.created) == 1 and len(fake_server.batch.lines) == 3
+    assert teacher.counters["batches_resumed"] == 1 and stats2.failed == 0
+    saved = json.loads(record.read_text())
+    assert [b["id"] for b in saved["batches"]] == list(fake_server.batch.batches)
+
+
 # failed lines ----------------------------------------------------------------------------------
 def flaky_lines(fail: set[str], times: int, fault: Reply) -> Any:
     """Lines for prompts in `fail` get `fault` the first `times` times."""

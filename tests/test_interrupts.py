@@ -182,3 +182,59 @@ def test_ctrl_c_during_export_keeps_the_good_export_and_the_finished_artifact(
     assert ref.returncode == 0, ref.stderr[-3000:]
     expected = json.loads((straight / "export" / "export.json").read_text())
     assert _without_timings(resumed) == _without_timings(expected)
+
+
+# `distill ...` that sends itself SIGINT once the evaluate stage has scored two models.
+CTRL_C_AFTER_TWO_MODELS = textwrap.dedent("""
+    import os, signal, sys
+    import distill.evaluate.stage as stage
+
+    plain, scored = stage.score_model, []
+    def score_model(*args, **kwargs):
+        out = plain(*args, **kwargs)
+        scored.append(args[0])
+        if len(scored) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    stage.score_model = score_model
+    from distill.cli import main
+    sys.argv = ["distill", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_ctrl_c_during_evaluate_then_rerun_gives_the_same_metrics(
+        tmp_path: Path, tiny_teacher: Path) -> None:
+    import shutil
+
+    from tests.test_export import _project
+
+    pipeline = _project(tmp_path, tiny_teacher, ["merged"])
+    pipeline.write_text(pipeline.read_text().replace(
+        "name: export-test", f"name: eval-test\nstages: [evaluate]\ntrain: {{student: "
+                             f"{tiny_teacher}}}"))
+    runs = {name: tmp_path / name for name in ("stopped", "straight")}
+    for run in runs.values():
+        shutil.copytree(tiny_teacher, run / "student")
+    cmd = ["run", str(pipeline), "--run-dir", str(runs["stopped"])]
+    res = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_TWO_MODELS, *cmd],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: interrupted; rerun")
+    assert not (runs["stopped"] / "evaluate" / "metrics.json").exists()
+    assert (runs["stopped"] / "evaluate" / "answers.sqlite").is_file()  # base student's answers
+    again = subprocess.run([*DISTILL, *cmd], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ref = subprocess.run([*DISTILL, "run", str(pipeline), "--run-dir", str(runs["straight"])],
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    def answers(run: Path) -> list[tuple[object, ...]]:
+        rows = [json.loads(line) for line in (run / "evaluate" / "predictions.jsonl").open()]
+        return [(r["model"], r["id"], r["response"], r["correct"]) for r in rows]
+
+    assert answers(runs["stopped"]) == answers(runs["straight"])
+    m1, m2 = (json.loads((r / "evaluate" / "metrics.json").read_text()) for r in runs.values())
+    assert m1["student_accuracy"] == m2["student_accuracy"]
+    assert m1["base_student_accuracy"] == m2["base_student_accuracy"]

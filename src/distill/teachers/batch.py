@@ -9,6 +9,16 @@ client's. What can go wrong, and what happens:
 - killed after submission: the batch id is in `generate/batches.json` (written atomically the
   moment the provider returns it; a tag in the batch metadata covers the instant between). The
   rerun polls that batch for the samples the cache still lacks and submits nothing again.
+- the answer to a batch creation is lost (a timeout, a reset connection, a 5xx after the
+  provider created it): before creating again, the provider's batches are searched for the tag;
+  one found is adopted (recorded and polled), and only when the list shows none is the same file
+  submitted again (`max(2, max_retries) + 1` creations at most). When the list cannot be read
+  either, nothing is created again: the lines end as error rows, the tag stays in the record and
+  the rerun looks it up. An upload whose answer was lost is looked for by its name (the content's
+  digest) before it is uploaded again, and a file stored whose batch was not created is used
+  again; where the provider cannot list files, the uploads of the same lines whose answers were
+  lost are bounded at `max(2, max_retries) + 1` in a process (then error rows). The SDK's own
+  retries are off for these two calls: it would repeat the POST without asking.
 - a line fails (error file, a non-200 line, empty or invalid content, a `finish_reason` policy
   asking for a retry): it goes again, up to `max_retries` times; then an error row. Bad requests
   (4xx) are not retried.
@@ -39,9 +49,12 @@ from distill.teachers.batch_files import (
     TERMINAL,
     BatchRecord,
     Line,
+    find_batches,
+    find_file,
     make_line,
     parse_output_line,
     split_lines,
+    upload_name,
 )
 from distill.teachers.estimate import estimate_prompt_tokens
 from distill.teachers.limits import Budget
@@ -59,14 +72,18 @@ from distill.teachers.responses import (
 log = logging.getLogger(__name__)
 
 _MISSING_CODES = ("batch_expired", "batch_cancelled")
-ROUTES = ("batches_submitted", "batches_resumed", "polls", "lines_first_batch", "lines_follow_up",
-          "lines_online", "lines_resumed", "lines_failed", "lines_expired")
-"""`BatchTeacher.counters`. The lines each route sent, each line counted once per send:
+ROUTES = ("batches_submitted", "batches_adopted", "batches_resumed", "polls", "lines_first_batch",
+          "lines_follow_up", "lines_online", "lines_resumed", "lines_failed", "lines_expired")
+"""`BatchTeacher.counters`. `batches_adopted`: of `batches_submitted`, those whose creation's
+answer was lost, found on the provider by their tag. The lines each route sent, each line counted
+once per send:
 `lines_first_batch` (in a line's first batch), `lines_follow_up` (in a later batch),
 `lines_online` (at the full price), `lines_resumed` (in batches an earlier process submitted,
 polled here). Of those batch lines, `lines_failed` came back without a completion to keep and
 `lines_expired` were not run (their batch expired or was cancelled)."""
 _RETRYABLE = {408, 409, 425, 429}
+_REFUSED = (400, 401, 403, 404, 422)
+"""A create or upload answered with these was not acted on, and will not be if sent again."""
 
 
 @dataclass
@@ -92,6 +109,11 @@ class _Fatal(Exception):
         super().__init__(why)
         self.kind: ErrorKind = kind
         self.why = why
+
+
+class _GiveUp(Exception):
+    """These lines cannot go again safely (their batch may exist) or without storing yet another
+    copy of the same file: they end as error rows; the rest of the job goes on."""
 
 
 class BatchTeacher:
@@ -121,6 +143,13 @@ class BatchTeacher:
         self._fatal: tuple[ErrorKind, str] | None = None
         self._client: Any = None
         self._waiting: set[str] = set()
+        self._tries = max(2, cfg.max_retries) + 1
+        """Creations of one batch, uploads of one file, lookups after a lost answer."""
+        self._stored: dict[str, str] = {}
+        """{upload name: file id} of files stored whose batch was not created: used again."""
+        self._unknown: dict[str, int] = {}
+        """Per upload name, failed uploads the provider's file list could not rule out (each
+        may have stored a copy)."""
 
     def __repr__(self) -> str:
         return f"BatchTeacher(model={self.model_id!r}, base_url={self.urls[0]!r})"
@@ -258,6 +287,11 @@ class BatchTeacher:
                 except _Fatal as err:
                     self._fatal = (err.kind, err.why)
                     log.error("batch: %s; submitting nothing more", err)
+                except _GiveUp as err:
+                    log.error("batch: %s", err)
+                    out += [self._final(items, items[ln.custom_id], "batch", str(err))
+                            for ln in chunk]
+                    continue
                 except Exception as err:  # noqa: BLE001 - transient: retried after a pause
                     why = f"batch submission failed: {type(err).__name__}: {err}"[:300]
                     log.warning("%s", why)
@@ -274,30 +308,109 @@ class BatchTeacher:
         return out
 
     async def _create(self, chunk: list[Line], items: dict[str, _Item]) -> dict[str, Any]:
-        import openai
-
         data = b"".join(line.data for line in chunk)
-        try:
-            upload = await self._client.files.create(
-                file=("distill-batch.jsonl", data, "application/jsonl"), purpose="batch")
-            intent = self.record.intend(upload.id, [line.custom_id for line in chunk])
-            batch = await self._client.batches.create(
-                input_file_id=upload.id, endpoint="/v1/chat/completions",
-                completion_window="24h", metadata={"distill_tag": intent["tag"]})
-        except openai.APIStatusError as err:
-            if err.status_code in (400, 401, 403, 404, 422):
-                why = f"HTTP {err.status_code}: {err.message}"[:300]
-                raise _Fatal(status_kind(err.status_code), why) from None
-            raise
+        name = upload_name(data)
+        file_id = await self._upload(name, data)
+        intent = self.record.intend(file_id, [line.custom_id for line in chunk])
+        batch, adopted = await self._create_batch(intent)
+        self._stored.pop(name, None)
         rec = self.record.add(batch.id, intent, batch.status)
         self._waiting.update(line.custom_id for line in chunk)
         self.counters["batches_submitted"] += 1
+        self.counters["batches_adopted"] += adopted
         for line in chunk:
             item = items[line.custom_id]
             self.counters["lines_follow_up" if item.batches else "lines_first_batch"] += 1
             item.batches += 1
         log.info("batch %s: submitted %d requests (%d bytes)", batch.id, len(chunk), len(data))
         return rec
+
+    def _backoff(self, n: int) -> float:
+        return min(self.cfg.batch_poll_s, 0.5 * 2 ** max(0, n - 1))
+
+    async def _upload(self, name: str, data: bytes) -> str:
+        """The id of the stored input file `data`: one stored before whose batch was not
+        created, else uploaded (up to `_tries` times). An upload whose answer was lost is looked
+        for by `name` before the next; when the provider cannot list files, such uploads (each
+        may have stored a copy) are bounded per file for the process: `_tries`."""
+        if name in self._stored:
+            return self._stored[name]
+        client = self._client.with_options(max_retries=0)  # the SDK would not look first
+        failure: Exception | None = None
+        for n in range(self._tries):
+            if n:
+                await asyncio.sleep(self._backoff(n))
+            if self._unknown.get(name, 0) >= self._tries:
+                raise _GiveUp(f"batch upload failed with no answer {self._unknown[name]} times "
+                              f"(last: {_describe(failure)}) and the provider lists no files; "
+                              f"not uploading the same lines again"[:300])
+            try:
+                upload = await client.files.create(file=(name, data, "application/jsonl"),
+                                                   purpose="batch")
+                self._stored[name] = str(upload.id)
+                return self._stored[name]
+            except Exception as err:  # noqa: BLE001 - it may be stored even so: look
+                if (fatal := _refusal(err)) is not None:
+                    raise fatal from None
+                failure = err
+            try:
+                found = await find_file(client, name, len(data))
+            except Exception as err:  # noqa: BLE001 - then that upload may have stored a copy
+                log.debug("batch: listing files failed (%s)", _describe(err))
+                self._unknown[name] = self._unknown.get(name, 0) + 1
+                found = None
+            if found is not None:
+                log.warning("batch: upload %s stored though its answer was lost (%s); using it",
+                            found, _describe(failure))
+                self._stored[name] = found
+                return found
+            log.warning("batch: upload failed (%s)", _describe(failure))
+        assert failure is not None
+        raise failure
+
+    async def _create_batch(self, intent: dict[str, Any]) -> tuple[Any, bool]:
+        """(the batch of `intent`, whether it was adopted): created, or found by its tag when a
+        creation's answer was lost. Created again (up to `_tries` creations) only when the
+        provider's list shows no such batch; when the list cannot be read, never."""
+        client = self._client.with_options(max_retries=0)  # the SDK would not look first
+        creates = unknown = 0
+        failure: Exception | None = None
+        while True:
+            if failure is not None:  # did the failed creation create it?
+                await asyncio.sleep(self._backoff(creates + unknown))
+                try:
+                    found = (await find_batches(client, [intent["tag"]])).get(intent["tag"])
+                except Exception as err:  # noqa: BLE001 - unknown: ask again, create nothing
+                    unknown += 1
+                    log.warning("batch: listing batches failed (%s) after a failed creation",
+                                _describe(err))
+                    if unknown < self._tries:
+                        continue
+                    raise _GiveUp(
+                        f"batch submission unconfirmed: creating it failed "
+                        f"({_describe(failure)}) and the provider's batches could not be "
+                        f"listed ({_describe(err)}); not sent again, so as not to pay twice "
+                        f"(a rerun looks its tag up)"[:400]) from None
+                if found is not None:
+                    log.warning("batch %s: created though its answer was lost (%s); adopted, "
+                                "not submitted again", found.id, _describe(failure))
+                    return found, True
+                if creates >= self._tries:
+                    self.record.drop_intent(intent)
+                    raise failure
+                log.warning("batch: creating it failed (%s) and the provider has no such "
+                            "batch; creating it again", _describe(failure))
+            creates += 1
+            try:
+                batch = await client.batches.create(
+                    input_file_id=intent["input_file_id"], endpoint="/v1/chat/completions",
+                    completion_window="24h", metadata={"distill_tag": intent["tag"]})
+                return batch, False
+            except Exception as err:  # noqa: BLE001 - it may be created even so: look
+                if (fatal := _refusal(err)) is not None:
+                    self.record.drop_intent(intent)
+                    raise fatal from None
+                failure = err
 
     async def _poll(self, rec: dict[str, Any]) -> Any:
         self.counters["polls"] += 1
@@ -457,6 +570,20 @@ class BatchTeacher:
         finally:
             await teacher.aclose()
         self.budget.spent = teacher.budget.spent
+
+
+def _refusal(err: Exception) -> _Fatal | None:
+    """The `_Fatal` for an answer refusing the request (not acted on, nor ever going to be)."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError) and err.status_code in _REFUSED:
+        return _Fatal(status_kind(err.status_code),
+                      f"HTTP {err.status_code}: {err.message}"[:300])
+    return None
+
+
+def _describe(err: BaseException | None) -> str:
+    return f"{type(err).__name__}: {err}"[:200] if err is not None else "none"
 
 
 def _batch_errors(batch: Any) -> str | None:

@@ -12,14 +12,19 @@ on vLLM: `vllm run-batch -i batch.jsonl -o out.jsonl --model <model>`.
 The record (`generate/batches.json` in the run directory) lists every batch the moment the
 provider has given it an id, with the custom ids it covers; it is rewritten atomically, so a
 rerun after kill -9 polls the batches already paid for instead of submitting them again.
+
+An upload is named after its content (`upload_name`) and a batch carries a tag in its metadata,
+so that either can be found on the provider when the answer to its creation was lost
+(`find_file`, `find_batches`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +144,47 @@ def parse_output_line(raw: bytes | str) -> tuple[str | None, int | None, Any, st
     return cid, status, body, (why[:300] if why else None)
 
 
+SEARCHED = 1000
+"""How many of the provider's newest batches (or files) a lookup goes through."""
+
+
+def upload_name(data: bytes) -> str:
+    """The filename an input file is uploaded under: its content's digest, so an upload whose
+    answer was lost is found again (`find_file`) rather than stored once more."""
+    return f"distill-batch-{hashlib.sha256(data).hexdigest()[:32]}.jsonl"
+
+
+async def find_batches(client: Any, tags: Collection[str]) -> dict[str, Any]:
+    """{tag: batch} for the batches among the provider's newest `SEARCHED` whose metadata
+    carries one of `tags` (the first found, newest first). Raises when the list cannot be read:
+    the caller then does not know, which is not the same as "none"."""
+    found: dict[str, Any] = {}
+    if not tags:
+        return found
+    seen = 0
+    async for b in client.batches.list(limit=100):
+        tag = (b.metadata or {}).get("distill_tag")
+        if isinstance(tag, str) and tag in tags and tag not in found:
+            found[tag] = b
+        seen += 1
+        if len(found) == len(tags) or seen >= SEARCHED:
+            break
+    return found
+
+
+async def find_file(client: Any, name: str, size: int) -> str | None:
+    """The id of a batch input file named `name` of `size` bytes among the provider's newest
+    `SEARCHED`, or None. Raises when the list cannot be read."""
+    seen = 0
+    async for f in client.files.list(purpose="batch", order="desc", limit=100):
+        if f.filename == name and f.bytes in (None, size) and f.status != "error":
+            return str(f.id)
+        seen += 1
+        if seen >= SEARCHED:
+            break
+    return None
+
+
 class BatchRecord:
     """`batches.json`: every batch submitted for this run, rewritten atomically on each change.
 
@@ -189,16 +235,12 @@ class BatchRecord:
             return
         tags = {i["tag"]: i for i in self.intents}
         try:
-            seen = 0
-            async for b in client.batches.list(limit=100):
-                tag = (b.metadata or {}).get("distill_tag")
-                if tag in tags:
-                    self.add(b.id, tags.pop(tag), b.status)
-                seen += 1
-                if not tags or seen >= 1000:
-                    break
+            found = await find_batches(client, tags)
         except Exception as err:  # noqa: BLE001 - then those lines are simply sent again
             log.warning("batch: listing batches failed (%s)", type(err).__name__)
+            found = {}
+        for tag, b in found.items():
+            self.add(b.id, tags.pop(tag), b.status)
         for intent in list(tags.values()):
             self.drop_intent(intent)
 
