@@ -107,7 +107,8 @@ def test_chat_outputs_become_completions(stub_vllm: types.ModuleType) -> None:
 
     llm = StubLLM.instances[0]
     assert llm.kwargs == {"model": "org/tiny-chat", "tensor_parallel_size": 2,
-                          "gpu_memory_utilization": 0.5, "trust_remote_code": True, "seed": 0}
+                          "gpu_memory_utilization": 0.5, "trust_remote_code": True, "seed": 0,
+                          "load_format": "safetensors"}  # pickle weights only if allow_pickle
     messages, params, kwargs = llm.calls[0]
     assert len(messages) == 3 and kwargs["use_tqdm"] is False
     assert kwargs["chat_template_kwargs"] == {"enable_thinking": True}
@@ -216,3 +217,12 @@ def test_generate_batch_is_the_stream_in_batch_order(stub_vllm: types.ModuleType
     jobs = make_jobs(["a", "b"], samples=2)
     comps = teacher.generate_batch([(jobs[1], 1), (jobs[0], 0), (jobs[1], 0)])
     assert [c.text for c in comps] == ["answer b #1", "answer a #0", "answer b #0"]
+
+
+def test_vllm_loads_safetensors_only_unless_allow_pickle(stub_vllm: types.ModuleType) -> None:
+    from distill.executor.ray_vllm import engine_kwargs
+
+    assert VLLMTeacher(vllm_cfg()).engine_kwargs()["load_format"] == "safetensors"
+    assert "load_format" not in VLLMTeacher(vllm_cfg(allow_pickle=True)).engine_kwargs()
+    assert engine_kwargs(vllm_cfg(), {})["load_format"] == "safetensors"
+    assert "load_format" not in engine_kwargs(vllm_cfg(allow_pickle=True), {})

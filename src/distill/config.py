@@ -6,6 +6,7 @@ Unknown keys are errors, not ignored: a typo in a $2,000 generation job must fai
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,10 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # hide_input_in_errors: a validation error never echoes the value (a key pasted into a
+    # field would otherwise be printed with it).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              hide_input_in_errors=True)
 
 
 def _switch(value: Any) -> Any:
@@ -107,6 +111,11 @@ class TeacherConfig(Strict):
     Python, which one process cannot spread over cores; two 1-thread workers beat one 2-thread
     process (benchmarks/teacher_workers.py)."""
     trust_remote_code: bool = False
+    """Run the Python code a model directory ships (`auto_map` in config.json). Off: a model
+    whose architecture transformers does not know is refused (docs/security.md)."""
+    allow_pickle: bool = False
+    """Load pickle weights (`pytorch_model.bin`): loading a pickle can run code. Off: a model
+    directory with no safetensors weights is refused, naming this field (docs/security.md)."""
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
@@ -141,6 +150,16 @@ class TeacherConfig(Strict):
     """Requests per batch file (OpenAI's limit: 50,000); larger jobs split into several."""
     batch_max_bytes: int = Field(200_000_000, ge=1024)
     """Bytes per batch input file (OpenAI's limit: 200 MB)."""
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_name(cls, value: str | None) -> str | None:
+        """The NAME of a variable: a key pasted here would reach the resolved config and the
+        "not set" error. The value is not repeated in the message."""
+        if not value or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            return value
+        raise ValueError("expected the NAME of an environment variable (letters, digits and _), "
+                         "not the key itself; the value given is not shown")
 
     @model_validator(mode="after")
     def _workers_local(self) -> TeacherConfig:
@@ -523,6 +542,9 @@ class TrainConfig(Strict):
     "kd" → `student_kd/`, "gkd" → `student_gkd/` (manifest names "kd"/"gkd"; evaluate reports
     kd_accuracy/gkd_accuracy). An entry equal to `method` is skipped: the main student is it."""
     trust_remote_code: bool = False
+    """Run the Python code the student directory ships (`auto_map`); off by default."""
+    allow_pickle: bool = False
+    """Load the student's pickle weights (`pytorch_model.bin`); off: safetensors only."""
     bf16: bool | Literal["auto"] = "auto"
     """Train in bfloat16 (autocast; the frozen base of a LoRA student held in bf16 too). auto:
     on CUDA where the GPU supports it; on CPU where the CPU multiplies bf16 natively (AVX512-BF16
@@ -823,12 +845,64 @@ def _project_root(config_path: Path) -> Path:
     return parent.parent if parent.name == "pipelines" else parent
 
 
+MAX_YAML_NODES = 100_000
+"""The most YAML nodes a pipeline file may hold once its aliases are expanded (a pipeline has a
+few hundred): a file whose aliases expand further ("billion laughs") is refused before anything
+is built from it."""
+
+
+def _expanded_nodes(root: yaml.Node, path: Path) -> int:
+    """Nodes of `root` with every alias expanded, counted without expanding: a node reached
+    twice (an alias) is sized once and counted each time."""
+    size: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def count(node: yaml.Node) -> int:
+        key = id(node)
+        if key in size:
+            return size[key]
+        if key in busy:
+            raise ConfigError(f"{path}: a YAML alias refers to itself (a recursive structure); "
+                              "refused")
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(count(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(count(k) + count(v) for k, v in node.value)
+        busy.discard(key)
+        size[key] = total
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: YAML aliases expand to more than {MAX_YAML_NODES:,} "
+                              "values (an alias bomb?); refused: write the values out or use "
+                              "fewer aliases")
+        return total
+
+    return count(root)
+
+
+def safe_load_bounded(text: str, path: Path) -> Any:
+    """`yaml.safe_load` that refuses a document whose aliases expand past `MAX_YAML_NODES`
+    (checked on the composed node graph, where an alias is one shared node: no memory grows)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, path)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply; refused") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_bounded(path.read_text(), path) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -28,10 +28,12 @@ from distill.stages import entry
 # fingerprints (a `teacher` section in `Stage.sections` is the teacher's identity).
 _TEACHER_RUNTIME_KEYS = {"max_concurrency", "requests_per_minute", "tokens_per_minute",
                          "timeout_s", "max_retries", "max_cost_usd", "batch_size", "device",
-                         "base_url", "api_key_env", "batch_follow_ups"}
+                         "base_url", "api_key_env", "batch_follow_ups", "allow_pickle"}
 
-# How often training checkpoints are written changes nothing a stage produces.
-TRAIN_RUNTIME_KEYS = frozenset({"save_steps", "save_minutes", "save_total_limit"})
+# How often training checkpoints are written changes nothing a stage produces; nor does
+# allowing pickle weights (a run that needed them could not have finished without).
+TRAIN_RUNTIME_KEYS = frozenset({"save_steps", "save_minutes", "save_total_limit",
+                                "allow_pickle"})
 
 # These two hash what they read from earlier stages before their files, the rest after: the
 # order the fingerprints had before the stage table, kept so that finished runs stay finished.

@@ -239,7 +239,8 @@ def loaded(teacher: Any, tcfg: TeacherConfig, cfg: PipelineConfig) -> tuple[Any,
     if getattr(teacher, "model", None) is not None:
         return teacher.model, teacher.tokenizer
     name = str(cfg.resolve(tcfg.model)) if cfg.resolve(tcfg.model).exists() else tcfg.model
-    return load_causal_lm(name, trust_remote_code=tcfg.trust_remote_code, dtype=tcfg.dtype,
+    return load_causal_lm(name, trust_remote_code=tcfg.trust_remote_code,
+                          allow_pickle=tcfg.allow_pickle, dtype=tcfg.dtype,
                           device=tcfg.device)
 
 

@@ -37,6 +37,8 @@ def engine_kwargs(t: TeacherConfig, extra: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"tensor_parallel_size": t.tensor_parallel_size,
                               "gpu_memory_utilization": t.gpu_memory_utilization,
                               "trust_remote_code": t.trust_remote_code}
+    if not t.allow_pickle:  # vLLM's "auto" falls back to .bin/.pt weights (pickle)
+        kwargs["load_format"] = "safetensors"
     if t.dtype != "auto":
         kwargs["dtype"] = t.dtype
     if t.top_logprobs:

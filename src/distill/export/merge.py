@@ -38,8 +38,10 @@ def load_torch_model(path: Path, what: str = "model") -> Any:
 
     require_model_dir(path, what)
     try:
+        # Safetensors only and never a model's own code (docs/security.md): export loads the
+        # run's own outputs and the student's base, whose architecture training already loaded.
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - a model that will not load is a broken artifact
         raise ConfigError(f"{path}: cannot load {what} ({type(err).__name__}: {err})") from None
     return model.eval()
@@ -93,7 +95,8 @@ def _peft_merge(base: str, adapter: Path, student_dir: Path) -> tuple[Any, str]:
 
     try:
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                          use_safetensors=True)
+                                                          use_safetensors=True,
+                                                          trust_remote_code=False)
         merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
     except Exception as err:  # noqa: BLE001 - fall back to the trained merged copy
         return None, f"PEFT merge from {base} failed ({type(err).__name__}); copied the student"

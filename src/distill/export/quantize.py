@@ -241,7 +241,7 @@ def load_int8_model(path: Path, compute: str = "weight-only") -> Any:
     meta, tensors = _read_quantized_file(weights)
     packed: list[str] = json.loads(meta["packed"])
     tied: dict[str, str] = json.loads(meta.get("tied", "{}"))
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     swapped: set[str] = set()
@@ -412,7 +412,7 @@ def load_int4_model(path: Path) -> Any:
     meta, tensors = _read_quantized_file(weights, INT4_FORMAT, "int4")
     shapes: dict[str, list[int]] = json.loads(meta["shapes"])
     tied: dict[str, str] = json.loads(meta.get("tied", "{}"))
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     floats = {k: v for k, v in tensors.items() if k not in shapes

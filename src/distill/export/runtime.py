@@ -44,7 +44,7 @@ def load_tokenizer_dir(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any failure here is a broken artifact
         raise ConfigError(f"{path}: cannot load the tokenizer ({type(err).__name__}: {err})"
                           ) from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -37,7 +37,7 @@ from distill.teachers.cache import ResponseCache
 Rows = list[dict[str, Any]]
 
 
-def _prepare(rows: Rows) -> Rows:
+def _prepare(rows: Iterable[dict[str, Any]]) -> Rows:
     """Copies of the rows with the filter fields reset and a unique id on each."""
     out, seen = [], set()
     for i, row in enumerate(rows):
@@ -86,7 +86,7 @@ def _resolve_cluster_ids(rows: Rows) -> None:
         row["cluster_id"] = cid
 
 
-def filter_rows(rows: Rows, cfg: PipelineConfig,
+def filter_rows(rows: Iterable[dict[str, Any]], cfg: PipelineConfig,
                 cache: ResponseCache | None = None) -> tuple[Rows, dict[str, Any]]:
     """Return all rows with keep / drop_reason / scores / cluster_id set, and the funnel."""
     fc = cfg.filter

@@ -378,7 +378,9 @@ def load_encoder(name: str, device: str | None = None) -> Any:
     except ImportError:
         raise ConfigError("filter.dedup.semantic: needs sentence-transformers "
                           "(pip install 'distill[semantic]')") from None
-    return SentenceTransformer(resolve_embedding_model(name), device=device)
+    # safetensors only: a pickle (pytorch_model.bin) can run code (docs/security.md).
+    return SentenceTransformer(resolve_embedding_model(name), device=device,
+                               model_kwargs={"use_safetensors": True})
 
 
 def embed(texts: Sequence[str], cfg: SemanticDedupConfig) -> np.ndarray:

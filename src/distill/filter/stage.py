@@ -6,6 +6,7 @@ entry in the stage table (`STAGE`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from distill.config import PipelineConfig, TeacherConfig
@@ -19,9 +20,10 @@ from distill.train.dataset import sft_rows
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     rows = read_stage_rows(run_dir.stage("generate"), "generations.jsonl")
+    n_in = len(rows)
     cache = ResponseCache(run_dir.cache)
     try:
-        filtered, funnel = filter_rows(rows, cfg, cache)
+        filtered, funnel = filter_rows(_handed_over(rows), cfg, cache)
     finally:
         cache.close()
     write_stage(run_dir.stage("filter"), filtered, "filtered.jsonl", {"funnel.json": funnel})
@@ -38,8 +40,16 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
                 allow_empty=True)
 
     formats = write_formats(run_dir.stage("sft"), sft)
-    return {"in": len(rows), "kept": len(kept), "sft_rows": len(sft),
+    return {"in": n_in, "kept": len(kept), "sft_rows": len(sft),
             "seeds_covered": len({r["seed_id"] for r in kept}), "sft_formats": formats}
+
+
+def _handed_over(rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows one at a time, each let go of as the chain copies it (`chain._prepare`), so the
+    generation rows and the filtered copies are not both held whole (emptied: `rows` is ours)."""
+    rows.reverse()
+    while rows:
+        yield rows.pop()
 
 
 def _inputs(cfg: PipelineConfig) -> list[tuple[str, str | None]]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -16,24 +18,96 @@ from distill.chat_template import render_chat
 from distill.config import ConfigError, TeacherConfig
 from distill.teachers.base import BatchItem, Completion, Job, Result, SamplingParams, TopLogprobs
 
-__all__ = ["TransformersTeacher", "load_causal_lm", "render_chat"]
+__all__ = ["TransformersTeacher", "load_causal_lm", "loading_errors", "render_chat",
+           "weight_options"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files in pickle format: unpickling one can run arbitrary code (docs/security.md)."""
+_SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
-def load_causal_lm(name: str, *, trust_remote_code: bool = False, dtype: str = "auto",
-                   device: str = "auto") -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local directory or hub id, safetensors only."""
+def weight_options(name: str, *, field: str, allow_pickle: bool, trust_remote_code: bool
+                   ) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for the model `name` (`field` names it in errors,
+    e.g. "teacher.model"; its section holds `allow_pickle` and `trust_remote_code`).
+
+    Safetensors only unless `allow_pickle`: transformers reads safetensors first but, when
+    `use_safetensors` is None (its default), falls back to `pytorch_model.bin`, and a
+    config.json `transformers_weights` entry names a weights file even past
+    `use_safetensors=True`. A local directory whose weights would come from a pickle is
+    refused here, before transformers opens it."""
+    if not allow_pickle:
+        check_no_pickle(name, field)
+    return {"trust_remote_code": trust_remote_code,
+            "use_safetensors": None if allow_pickle else True}
+
+
+def _opt_in(field: str, key: str) -> str:
+    return f"{field.rsplit('.', 1)[0]}.{key}"
+
+
+def check_no_pickle(name: str, field: str) -> None:
+    """ConfigError when loading the local directory `name` would unpickle its weights."""
+    path = Path(name)
+    if not path.is_dir():
+        return  # a hub id: transformers refuses a .bin-only repo under use_safetensors=True
+    opt_in = _opt_in(field, "allow_pickle")
+    try:
+        named = json.loads((path / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str) and not named.endswith(_SAFE_SUFFIXES):
+        raise ConfigError(f"{field}: {name}: config.json names pickle weights "
+                          f"(transformers_weights: {named}); loading a pickle can run code. "
+                          f"Convert them to safetensors, or set {opt_in}: true")
+    if any(p.name.endswith(_SAFE_SUFFIXES) for p in path.iterdir()):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
+        raise ConfigError(f"{field}: {name}: weights only in pickle format ({shown}); loading "
+                          "a pickle can run code. Convert them to safetensors, or set "
+                          f"{opt_in}: true")
+
+
+@contextlib.contextmanager
+def loading_errors(name: str, field: str) -> Iterator[None]:
+    """transformers' refusals as one-line ConfigErrors naming the field that opts in: custom
+    code with `trust_remote_code` off, no safetensors weights (a hub repo with `.bin` only)."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(f"{field}: {name}: the model ships its own code (auto_map) for an "
+                          "architecture transformers does not know; it is not run unless "
+                          f"{_opt_in(field, 'trust_remote_code')}: true") from None
+    except OSError as err:
+        if "safetensors" not in str(err) or "pytorch_model.bin" in str(err):
+            raise
+        raise ConfigError(f"{field}: {name}: no safetensors weights ({str(err).splitlines()[0]}"
+                          f"); distill loads safetensors only unless "
+                          f"{_opt_in(field, 'allow_pickle')}: true") from None
+
+
+def load_causal_lm(name: str, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                   dtype: str = "auto", device: str = "auto", field: str = "teacher.model"
+                   ) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local directory or hub id: safetensors only
+    and no custom code unless `allow_pickle` / `trust_remote_code` (`weight_options`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_name(name)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    # Any: the auto class resolves the architecture at run time, and its decorated `.to` does
-    # not type-check as a bound method.
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    options = weight_options(name, field=field, allow_pickle=allow_pickle,
+                             trust_remote_code=trust_remote_code)
+    with loading_errors(name, field):
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        # Any: the auto class resolves the architecture at run time, and its decorated `.to`
+        # does not type-check as a bound method.
+        model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **options)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
@@ -69,7 +143,7 @@ class TransformersTeacher:
         if self.model is None:
             self.model, self.tokenizer = load_causal_lm(
                 self.cfg.model, trust_remote_code=self.cfg.trust_remote_code,
-                dtype=self.cfg.dtype, device=self.cfg.device,
+                allow_pickle=self.cfg.allow_pickle, dtype=self.cfg.dtype, device=self.cfg.device,
             )
 
     async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[Result]:

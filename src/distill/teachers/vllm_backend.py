@@ -57,6 +57,8 @@ class VLLMTeacher:
             "trust_remote_code": cfg.trust_remote_code,
             "seed": 0,
         }
+        if not cfg.allow_pickle:  # vLLM's "auto" falls back to .bin/.pt weights (pickle)
+            kwargs["load_format"] = "safetensors"
         if cfg.dtype != "auto":
             kwargs["dtype"] = cfg.dtype
         if cfg.data_parallel_size > 1:

@@ -119,6 +119,7 @@ def load_teacher(cfg: PipelineConfig) -> tuple[Any, Any]:
         raise ConfigError("train.kd: this needs a local teacher; set train.kd.teacher_model or "
                           "use teacher.backend: transformers")
     model, tok = load_causal_lm(name, trust_remote_code=cfg.teacher.trust_remote_code,
+                                allow_pickle=cfg.teacher.allow_pickle,
                                 dtype=cfg.teacher.dtype, device="cpu")
     model.requires_grad_(False)
     return model, tok

@@ -25,7 +25,11 @@ def load_tokenizer(cfg: PipelineConfig) -> Any:
     if not name:
         raise ConfigError("train.tokenizer: no tokenizer (set train.student or train.tokenizer)")
     name = str(cfg.resolve(name)) if cfg.resolve(name).exists() else name
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=t.trust_remote_code)
+    from distill.teachers.transformers_backend import loading_errors
+
+    with loading_errors(name, "train.student" if t.student and not t.tokenizer
+                        else "train.tokenizer"):
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=t.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     ensure_chat_template(tok)
@@ -33,7 +37,8 @@ def load_tokenizer(cfg: PipelineConfig) -> Any:
 
 
 def build_student(cfg: PipelineConfig, tok: Any) -> Any:
-    """A fresh model from `train.student_config`, or pretrained weights (safetensors only)."""
+    """A fresh model from `train.student_config`, or pretrained weights: safetensors only and no
+    custom code unless `train.allow_pickle` / `train.trust_remote_code` (docs/security.md)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -57,12 +62,18 @@ def build_student(cfg: PipelineConfig, tok: Any) -> Any:
         raise ConfigError("train.student: empty; set a model directory, hub id or student_config")
     name = str(cfg.resolve(t.student)) if cfg.resolve(t.student).exists() else t.student
     _check_dir(name, "train.student")
-    return AutoModelForCausalLM.from_pretrained(
-        name, trust_remote_code=t.trust_remote_code, use_safetensors=True,
-        # bf16 weights only under LoRA: the frozen base needs no fp32 master copy, while full
-        # fine-tuning keeps fp32 weights (its updates would round away in bf16) under autocast.
-        dtype=torch.bfloat16 if t.lora is not None and use_bf16(cfg) else torch.float32,
-    )
+    from distill.teachers.transformers_backend import loading_errors, weight_options
+
+    options = weight_options(name, field="train.student", allow_pickle=t.allow_pickle,
+                             trust_remote_code=t.trust_remote_code)
+    with loading_errors(name, "train.student"):
+        return AutoModelForCausalLM.from_pretrained(
+            name, **options,
+            # bf16 weights only under LoRA: the frozen base needs no fp32 master copy, while full
+            # fine-tuning keeps fp32 weights (its updates would round away in bf16) under
+            # autocast.
+            dtype=torch.bfloat16 if t.lora is not None and use_bf16(cfg) else torch.float32,
+        )
 
 
 def count_params(model: Any) -> int:
