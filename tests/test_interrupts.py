@@ -27,6 +27,13 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
 DISTILL = [sys.executable, "-c", "from distill.cli import main; main()"]
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A shell starts background jobs
+    (`cmd &`, CI runners, nohup) with SIGINT ignored, children inherit that, and a Python that
+    starts with SIGINT ignored keeps ignoring it: Ctrl-C could not be tested there."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _pipeline(tmp_path: Path, url: str, n: int, extra: str = "") -> Path:
     write_sum_project(tmp_path, n)
     pipeline = tmp_path / "p.yaml"
@@ -45,7 +52,8 @@ def _interrupt_when(cmd: list[str], ready: object, timeout: float = 60
                     ) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run `cmd`, send it SIGINT once `ready()` is true; (its result, seconds from the signal
     to its exit)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + timeout
     while not ready():  # type: ignore[operator]
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -158,7 +166,7 @@ def test_ctrl_c_during_export_keeps_the_good_export_and_the_finished_artifact(
     # A new export (another eval_limit), interrupted after its first artifact.
     again = [*cmd, "--set", "export.eval_limit=2"]
     res = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_ONE_ARTIFACT, *again],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, preexec_fn=default_sigint)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: interrupted; rerun")
@@ -218,7 +226,7 @@ def test_ctrl_c_during_evaluate_then_rerun_gives_the_same_metrics(
         shutil.copytree(tiny_teacher, run / "student")
     cmd = ["run", str(pipeline), "--run-dir", str(runs["stopped"])]
     res = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_TWO_MODELS, *cmd],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, preexec_fn=default_sigint)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: interrupted; rerun")

@@ -35,6 +35,7 @@ from distill.config import ConfigError, PipelineConfig  # noqa: E402
 from distill.pipeline import run_stage  # noqa: E402
 from distill.records import RunDir, read_jsonl  # noqa: E402
 from tests.projects import write_sum_project  # noqa: E402
+from tests.test_interrupts import default_sigint  # noqa: E402
 
 fake_server = fakeserver_fixture.fake_server
 __all__ = ["ray_cluster", "fake_server"]
@@ -339,7 +340,7 @@ def test_ctrl_c_on_ray_exits_1_stops_its_cluster_and_the_rerun_resends_only_in_f
         cmd = [sys.executable, "-c", "from distill.cli import main; main()", "run",
                str(pipeline), "--run-dir", str(tmp_path / "run")]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=default_sigint)
         try:
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and not (

@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tests.conftest import COT_TEMPLATE, MICRO_SEEDS  # noqa: E402
+from tests.test_interrupts import default_sigint  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX"),
               pytest.mark.slow]
@@ -102,7 +103,8 @@ def _train(pipeline: Path, run: Path, overrides: list[str], kill: tuple[str, int
     cmd = ([sys.executable, "-c", KILLING_CLI, kill[0], str(kill[1]), *args] if kill
            else [*DISTILL, *args])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"DISTILL_PROGRESS_EVERY": "0"})
+                          env=os.environ | {"DISTILL_PROGRESS_EVERY": "0"},
+                          preexec_fn=default_sigint)
 
 
 def _students(run: Path) -> dict[str, Any]:
