@@ -189,6 +189,19 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+def wait_for_six_cached_four_hanging(proc: subprocess.Popen[Any], shards: Path,
+                                     seen: list[Any]) -> None:
+    """Until the driver's shards have cached 6 answers and 4 more requests hang (2 shards at
+    once x max_concurrency 2)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (
+            sum(cached_count(d / "cache.sqlite") for d in shards.glob("0*")) == 6
+            and len(seen) == 6 + 4):
+        if proc.poll() is not None:
+            pytest.fail(f"driver exited early: {proc.communicate()}")
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and ps sessions: Linux")
 def test_driver_sigkill_then_rerun_resends_at_most_the_in_flight_requests(
         ray_cluster: Any, tmp_path: Path) -> None:
@@ -212,13 +225,7 @@ def test_driver_sigkill_then_rerun_resends_at_most_the_in_flight_requests(
              str(Path(__file__).resolve().parent)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and not (
-                    sum(cached_count(d / "cache.sqlite") for d in shards.glob("0*")) == 6
-                    and len(seen) == 6 + 4):
-                if proc.poll() is not None:
-                    pytest.fail(f"driver exited early: {proc.communicate()}")
-                time.sleep(0.05)
+            wait_for_six_cached_four_hanging(proc, shards, seen)
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             assert proc.returncode == -signal.SIGKILL
@@ -342,13 +349,7 @@ def test_ctrl_c_on_ray_exits_1_stops_its_cluster_and_the_rerun_resends_only_in_f
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, preexec_fn=default_sigint)
         try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and not (
-                    sum(cached_count(d / "cache.sqlite") for d in shards.glob("0*")) == 6
-                    and len(seen) == 6 + 4):
-                if proc.poll() is not None:
-                    pytest.fail(f"driver exited early: {proc.communicate()}")
-                time.sleep(0.05)
+            wait_for_six_cached_four_hanging(proc, shards, seen)
             t0 = time.monotonic()
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
